@@ -1,0 +1,254 @@
+"""Typed, validated params: the one place where ``params.yaml`` becomes objects.
+
+Every section of ``params.yaml`` maps to one frozen pydantic model. Unknown keys are refused,
+ranges are checked, and cross-field rules (``gamma_min < gamma_max``) are enforced here, before
+any stage does work. Errors name the offending field as a dotted path (``adapt.gamma_min``).
+Values marked "paper" come from the SDA paper (Appendix C.2); "assumed" are our choices.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+PositiveInt = Annotated[int, Field(gt=0)]
+NonNegInt = Annotated[int, Field(ge=0)]
+Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
+
+
+class ParamsError(ValueError):
+    """Raised when params.yaml is missing, malformed or out of range; names every bad field."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RuntimeConfig(_Section):
+    """Where the work runs and where it is recorded. Not a DVC dependency: never changes results."""
+
+    ray_address: str | None = Field(None, description="Ray cluster address; RAY_ADDRESS wins.")
+    num_cpus: PositiveInt | None = Field(None, description="CPUs for a local Ray instance.")
+    object_store_memory_mb: Annotated[int, Field(ge=78)] = Field(
+        256, description="Object store size of a local Ray instance (MiB)."
+    )
+    storage_path: str = Field(
+        ".adaseg/ray_results",
+        description="Ray Train/Tune storage (checkpoints, resume state); local path or URI.",
+    )
+    mlflow_tracking_uri: str | None = Field(
+        None, description="MLflow store; MLFLOW_TRACKING_URI wins; null = sqlite:///mlruns.db."
+    )
+    mlflow_experiment: str = Field("adaseg", min_length=1)
+
+
+class GapConfig(_Section):
+    """Strength of each kind of domain gap of SDA (0 = none, 1 = strongest)."""
+
+    content_shift: Fraction = Field(0.6, description="Category / colour frequencies differ.")
+    visual_gap: Fraction = Field(0.6, description="Texture, lighting, blur and noise on target.")
+    language_gap: Fraction = Field(0.5, description="Synonyms and other templates on target.")
+    relation_bias: Fraction = Field(0.6, description="Which attributes queries mention differs.")
+
+
+class QueryMix(_Section):
+    """Proportions of one-to-one, one-to-many and one-to-zero queries (must sum to 1)."""
+
+    one: Fraction = 0.7
+    many: Fraction = 0.2
+    zero: Fraction = 0.1
+
+    @model_validator(mode="after")
+    def _sums_to_one(self) -> QueryMix:
+        total = self.one + self.many + self.zero
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(f"one + many + zero must be 1, got {total:.4f}")
+        return self
+
+
+class SplitSizes(_Section):
+    source_train: PositiveInt = 2000
+    source_val: PositiveInt = 300
+    target_train: PositiveInt = 2000
+    target_val: PositiveInt = 300
+    target_test: PositiveInt = 500
+
+
+class DataConfig(_Section):
+    """The embedded cross-domain benchmark (``prepare`` stage)."""
+
+    image_size: Annotated[int, Field(ge=32, le=512)] = 64
+    splits: SplitSizes = SplitSizes()
+    min_objects: NonNegInt = 1
+    max_objects: PositiveInt = 4
+    query_mix: QueryMix = QueryMix()
+    gap: GapConfig = GapConfig()
+    slic_segments: Annotated[int, Field(ge=4, le=255)] = Field(
+        32, description="Target number of SLIC superpixels per image."
+    )
+    slic_compactness: Annotated[float, Field(gt=0)] = 10.0
+    shard_size: PositiveInt = Field(500, description="Samples per Parquet shard.")
+
+    @model_validator(mode="after")
+    def _objects_range(self) -> DataConfig:
+        if self.min_objects > self.max_objects:
+            raise ValueError("min_objects must be <= max_objects")
+        return self
+
+
+class ModelConfig(_Section):
+    """Base network of SDA Appendix A, sized for CPU by default."""
+
+    backbone: Literal["convnet", "resnet18", "resnet34", "resnet50", "resnet101"] = "convnet"
+    backbone_weights: str | None = Field(
+        None, description="Local state_dict file for a resnet backbone (no downloads)."
+    )
+    widths: list[PositiveInt] = Field(
+        default_factory=lambda: [16, 32, 64, 96], description="convnet stage widths."
+    )
+    hidden: PositiveInt = Field(64, description="Hidden size C of interaction / decoder.")
+    embed_dim: PositiveInt = Field(64, description="Word embedding size of W.")
+    embeddings: Literal["learned", "glove"] = "learned"
+    glove_path: str | None = None
+    max_words: Annotated[int, Field(ge=2, le=64)] = 12
+    scales: Annotated[int, Field(ge=1, le=4)] = Field(3, description="N_m (paper: 3 for images).")
+    num_superpixels: Annotated[int, Field(ge=1, le=256)] = Field(
+        48, description="N_r: region slots for region max-pooling (>= SLIC segments)."
+    )
+    empty_threshold: Fraction = Field(
+        0.5, description="Predict an empty mask when the max response is below this (assumed)."
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ModelConfig:
+        if self.backbone == "convnet" and len(self.widths) < self.scales:
+            raise ValueError(f"widths needs at least `scales` ({self.scales}) entries")
+        if self.embeddings == "glove" and not self.glove_path:
+            raise ValueError("glove_path is required when embeddings is 'glove'")
+        return self
+
+
+class TrainConfig(_Section):
+    """One supervised training phase run through Ray Train (pretrain, oracle)."""
+
+    epochs: PositiveInt = 8
+    batch_size: PositiveInt = 32
+    lr: Annotated[float, Field(gt=0)] = Field(4e-4, description="Peak Adam lr (paper: 4e-4).")
+    warmup_steps: NonNegInt = Field(100, description="Linear warm-up (paper: 300 steps).")
+    weight_decay: Annotated[float, Field(ge=0)] = 0.0
+    num_workers: PositiveInt = Field(1, description="Ray Train workers.")
+    use_gpu: Literal["auto", True, False] = "auto"
+    amp: bool = Field(False, description="Mixed precision (GPU only).")
+
+
+class EvaluateConfig(_Section):
+    batch_size: PositiveInt = 64
+    splits: list[Literal["source_val", "target_val", "target_test"]] = Field(
+        default_factory=lambda: ["source_val", "target_test"]
+    )
+    overlay_samples: NonNegInt = Field(16, description="Target images in the overlay grid.")
+
+
+class SemanticsConfig(_Section):
+    """Content-aware Semantic Modeling (SDA Section 3.2)."""
+
+    tau: Annotated[float, Field(gt=0)] = Field(0.2, description="Attention temperature (paper).")
+    distance_threshold: Annotated[float, Field(gt=0)] = Field(0.5, description="paper")
+    beta: Annotated[float, Field(gt=0, le=1)] = Field(0.5, description="rho = beta log k^s (paper)")
+
+
+class AdaptConfig(_Section):
+    """Stage 3: the adaptation method and its hyperparameters (SDA Section 3.3, C.2)."""
+
+    method: Literal["sda"] = "sda"
+    epochs: PositiveInt = 4
+    gamma_max: Fraction = Field(0.9, description="paper")
+    gamma_min: Fraction = Field(0.1, description="paper")
+    memory_size: PositiveInt = Field(100, description="B per category (paper).")
+    ema: Annotated[float, Field(ge=0, lt=1)] = Field(0.99, description="Teacher momentum (paper).")
+    contrast_temperature: Annotated[float, Field(gt=0)] = Field(0.1, description="assumed")
+    lambda1: Annotated[float, Field(ge=0)] = Field(1.0, description="paper")
+    lambda2: Annotated[float, Field(ge=0)] = Field(0.1, description="paper")
+
+    @model_validator(mode="after")
+    def _thresholds(self) -> AdaptConfig:
+        if self.gamma_min >= self.gamma_max:
+            raise ValueError(f"gamma_min ({self.gamma_min}) must be < gamma_max ({self.gamma_max})")
+        return self
+
+
+class Params(_Section):
+    """The whole params.yaml."""
+
+    seed: NonNegInt = 0
+    runtime: RuntimeConfig
+    data: DataConfig
+    model: ModelConfig
+    pretrain: TrainConfig
+    oracle: TrainConfig
+    evaluate: EvaluateConfig
+    semantics: SemanticsConfig
+    adapt: AdaptConfig
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = [f"{source}: invalid params"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"] if not str(p).startswith("function-"))
+        if e["type"] == "missing":
+            msg = "missing section" if len(e["loc"]) == 1 else "missing field"
+        elif e["type"] == "extra_forbidden":
+            msg = "unknown field"
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+        lines.append(f"  {loc or '<root>'}: {msg}")
+    return "\n".join(lines)
+
+
+def parse_params(raw: Any, source: str = "params") -> Params:
+    """Validate a raw mapping (as read from YAML) into :class:`Params`.
+
+    Raises:
+        ParamsError: naming every offending field as a dotted path.
+    """
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{source}: expected a mapping at the top level")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as err:
+        raise ParamsError(_format_errors(err, source)) from None
+
+
+def load_params(
+    path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None
+) -> Params:
+    """Read, apply dotted ``overrides`` (``{"pretrain.epochs": 3}``) and validate params."""
+    path = Path(path)
+    if not path.is_file():
+        raise ParamsError(f"{path}: params file not found")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ParamsError(f"{path}: not valid YAML: {err}") from None
+    for key, value in (overrides or {}).items():
+        set_dotted(raw, key, value)
+    return parse_params(raw, str(path))
+
+
+def set_dotted(raw: dict, key: str, value: Any) -> None:
+    """Set ``raw["a"]["b"] = value`` for ``key == "a.b"``, creating nothing new at the top."""
+    *parents, leaf = key.split(".")
+    node = raw
+    for p in parents:
+        if not isinstance(node.get(p), dict):
+            raise ParamsError(f"override {key}: no section {p!r}")
+        node = node[p]
+    node[leaf] = value
+
+
+def section_dict(cfg: BaseModel) -> dict[str, Any]:
+    """Plain JSON-able dict of a config section (for MLflow params and hashing)."""
+    return cfg.model_dump(mode="json")

@@ -1,0 +1,146 @@
+"""The sample schema shared by every stage (DESIGN.md, "Data contract").
+
+One row = one (image, query, mask) sample. Images and label maps are PNG bytes; masks are COCO
+RLE (``{"size": [h, w], "counts": str}``, pycocotools' compressed string). Every converter for a
+real dataset writes this schema; everything downstream reads only this schema.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image, UnidentifiedImageError
+from pycocotools import mask as mask_utils
+
+RLE_TYPE = pa.struct([("size", pa.list_(pa.int32())), ("counts", pa.string())])
+
+SAMPLE_SCHEMA = pa.schema(
+    [
+        ("sample_id", pa.string()),
+        ("image_id", pa.string()),
+        ("domain", pa.string()),  # "source" | "target"
+        ("split", pa.string()),  # "train" | "val" | "test"
+        ("height", pa.int32()),
+        ("width", pa.int32()),
+        ("image_png", pa.binary()),
+        ("query", pa.string()),
+        ("query_type", pa.string()),  # "one" | "many" | "zero"
+        ("n_targets", pa.int32()),
+        ("target_rle", RLE_TYPE),  # union of the referred objects; empty for "zero"
+        ("target_categories", pa.list_(pa.int32())),  # category ids (1..K) of referred objects
+        ("semantic_png", pa.binary()),  # uint8 map: 0 background, 1..K categories
+        ("instance_rles", pa.list_(RLE_TYPE)),
+        ("instance_categories", pa.list_(pa.int32())),
+        ("superpixels_png", pa.binary()),  # uint8 SLIC labels, 0..N_r-1
+    ]
+)
+
+PREDICTION_SCHEMA = pa.schema(
+    [
+        ("sample_id", pa.string()),
+        ("pred_rle", RLE_TYPE),
+        ("score", pa.float32()),  # max of the response map
+        ("iou", pa.float32()),  # against the ground truth, for convenience
+    ]
+)
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the file and the sample id."""
+
+
+# --------------------------------------------------------------------------- RLE
+def encode_rle(mask: np.ndarray) -> dict:
+    """Boolean (H, W) mask -> COCO compressed RLE with a str ``counts``."""
+    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+    return {"size": [int(s) for s in rle["size"]], "counts": rle["counts"].decode("ascii")}
+
+
+def decode_rle(rle: dict) -> np.ndarray:
+    """COCO RLE (str or bytes ``counts``) -> boolean (H, W) mask."""
+    counts = rle["counts"]
+    coco = {
+        "size": list(rle["size"]),
+        "counts": counts.encode("ascii") if isinstance(counts, str) else counts,
+    }
+    return mask_utils.decode(coco).astype(bool)
+
+
+# --------------------------------------------------------------------------- PNG
+def encode_png(array: np.ndarray) -> bytes:
+    """uint8 (H, W) or (H, W, 3) array -> PNG bytes."""
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def decode_png(data: bytes) -> np.ndarray:
+    """PNG bytes -> uint8 array. Raises ``UnidentifiedImageError``/``OSError`` on corrupt data."""
+    with Image.open(io.BytesIO(data)) as img:
+        img.load()
+        return np.asarray(img)
+
+
+# --------------------------------------------------------------------------- shards
+def write_shard(table: pa.Table, path: Path) -> None:
+    """Write one Parquet shard in the sample schema (the caller handles atomicity)."""
+    pq.write_table(table.cast(SAMPLE_SCHEMA), path, compression="zstd")
+
+
+def shard_paths(root: Path, domain: str, split: str) -> list[Path]:
+    """Sorted shards of ``<root>/<domain>/<split>/``; raises naming the folder if none."""
+    folder = Path(root) / domain / split
+    paths = sorted(folder.glob("*.parquet"))
+    if not paths:
+        raise DataError(f"{folder}: no Parquet shards found")
+    return paths
+
+
+def read_shards(paths: Iterable[Path], columns: list[str] | None = None) -> pa.Table:
+    """Read shards, checking each one has every column the schema requires."""
+    wanted = columns or SAMPLE_SCHEMA.names
+    tables = []
+    for path in paths:
+        have = set(pq.read_schema(path).names)
+        missing = [c for c in wanted if c not in have]
+        if missing:
+            raise DataError(f"{path}: missing column(s) {', '.join(missing)}")
+        tables.append(pq.read_table(path, columns=wanted))
+    return pa.concat_tables(tables)
+
+
+def decode_sample(row: dict, source: str | Path) -> dict[str, np.ndarray]:
+    """Decode one row's image, target mask and superpixels, validating them.
+
+    Raises:
+        DataError: naming ``source`` and the sample id for a corrupt image, a mask or label map
+            whose size differs from the image, or an empty query.
+    """
+    sid = row.get("sample_id", "<no sample_id>")
+    where = f"{source}: sample {sid}"
+    try:
+        image = decode_png(row["image_png"])
+    except (UnidentifiedImageError, OSError, ValueError, TypeError) as err:
+        raise DataError(f"{where}: corrupt image ({err})") from None
+    if image.ndim != 3 or image.shape[2] != 3:
+        raise DataError(f"{where}: image must be RGB, got shape {image.shape}")
+    h, w = image.shape[:2]
+    if not isinstance(row.get("query"), str) or not row["query"].strip():
+        raise DataError(f"{where}: empty query")
+    mask = decode_rle(row["target_rle"])
+    if mask.shape != (h, w):
+        raise DataError(f"{where}: mask size {mask.shape} differs from image size {(h, w)}")
+    try:
+        superpixels = decode_png(row["superpixels_png"])
+    except (UnidentifiedImageError, OSError, ValueError, TypeError) as err:
+        raise DataError(f"{where}: corrupt superpixel map ({err})") from None
+    if superpixels.shape != (h, w):
+        raise DataError(
+            f"{where}: superpixel map size {superpixels.shape} differs from image size {(h, w)}"
+        )
+    return {"image": image, "mask": mask, "superpixels": superpixels}

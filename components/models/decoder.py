@@ -1,0 +1,38 @@
+"""FCN decoder (SDA Appendix C.2): 3x3, 3x3 and 1x1 convolutions with a residual connection.
+
+One head per resolution gives the multi-scale response maps of Eq. 10. A top-down path adds the
+upsampled coarser features to each finer level first (our choice; the paper only says the
+interaction is stacked over resolutions), so the finest map sees the deeper context.
+"""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import nn
+
+
+class FCNHead(nn.Module):
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(hidden, hidden, 3, padding=1)
+        self.conv2 = nn.Conv2d(hidden, hidden, 3, padding=1)
+        self.out = nn.Conv2d(hidden, 1, 1)
+
+    def forward(self, x):
+        y = F.relu(self.conv1(x))
+        y = F.relu(self.conv2(y) + x)  # residual connection
+        return self.out(y)  # (B, 1, H, W) logits
+
+
+class MultiScaleDecoder(nn.Module):
+    def __init__(self, hidden: int, scales: int):
+        super().__init__()
+        self.heads = nn.ModuleList(FCNHead(hidden) for _ in range(scales))
+
+    def forward(self, feats):
+        """feats: finest-first list of (B, C, H_i, W_i) -> finest-first list of logits."""
+        fused = list(feats)
+        for i in range(len(fused) - 2, -1, -1):
+            up = F.interpolate(fused[i + 1], size=fused[i].shape[-2:], mode="bilinear")
+            fused[i] = fused[i] + up
+        return [head(f) for head, f in zip(self.heads, fused, strict=True)], fused

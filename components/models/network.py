@@ -1,0 +1,117 @@
+"""The base query-based segmentation network of SDA (Section 3.1, Appendix A).
+
+Encoder (visual CNN + word embeddings W + Bi-GRU Q) -> interaction (Eqs. 8, 9) at N_m
+resolutions -> FCN decoder giving multi-scale response maps (Eq. 10). Inference (Section 3.4):
+foreground = response above half of its maximum; we add one rule for one-to-zero queries: if
+the maximum itself is below ``empty_threshold`` the mask is empty (DMMI's zero-target case).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from components.config import ModelConfig
+from components.models.decoder import MultiScaleDecoder
+from components.models.interaction import Interaction
+from components.models.text import QueryEncoder
+from components.models.visual import ConvEncoder, ResNetEncoder
+
+
+class QuerySegNet(nn.Module):
+    def __init__(self, cfg: ModelConfig, vocab_size: int, embeddings: torch.Tensor | None = None):
+        super().__init__()
+        if cfg.backbone == "convnet":
+            self.visual = ConvEncoder(cfg.widths)
+        else:
+            self.visual = ResNetEncoder(cfg.backbone, cfg.backbone_weights)
+        self.scales = cfg.scales
+        self.query = QueryEncoder(vocab_size, cfg.embed_dim, cfg.hidden, embeddings)
+        chans = self.visual.out_channels[-cfg.scales :]
+        self.interactions = nn.ModuleList(
+            Interaction(c, cfg.hidden, cfg.num_superpixels) for c in chans
+        )
+        self.decoder = MultiScaleDecoder(cfg.hidden, cfg.scales)
+
+    def forward(self, image, tokens, lengths, superpixels) -> dict:
+        """
+        Args:
+            image: (B, 3, H, W); tokens: (B, N); lengths: (B,); superpixels: (B, H, W).
+        Returns:
+            logits: finest-first list of (B, 1, H_i, W_i) response logits;
+            response: (B, H, W) sigmoid response map at image resolution;
+            words: (B, N, E) word embeddings W; query: (B, N, C) encoded Q;
+            word_mask: (B, N); alphas: finest-first list of (B, H_i*W_i, N);
+            alpha: the deepest level's attention; features: (B, C_last, h, w) last encoder layer;
+            fused: finest-first list of decoder inputs (B, C, H_i, W_i).
+        """
+        feats = self.visual(image)[-self.scales :]
+        words, q = self.query(tokens, lengths)
+        word_mask = tokens != 0
+        word_mask[:, 0] = True  # a query is never empty after tokenisation
+        fs, alphas = [], []
+        for block, v in zip(self.interactions, feats, strict=True):
+            f, a = block(v, q, word_mask, superpixels)
+            fs.append(f)
+            alphas.append(a)
+        logits, fused = self.decoder(fs)
+        full = F.interpolate(logits[0], size=image.shape[-2:], mode="bilinear")
+        return {
+            "logits": logits,
+            "full_logits": full[:, 0],
+            "response": torch.sigmoid(full[:, 0]),
+            "words": words,
+            "query": q,
+            "word_mask": word_mask,
+            "alphas": alphas,
+            "alpha": alphas[-1],
+            "features": feats[-1],
+            "fused": fused,
+        }
+
+
+def build_model(cfg: ModelConfig, vocab_size: int, embeddings=None) -> QuerySegNet:
+    return QuerySegNet(cfg, vocab_size, embeddings)
+
+
+@torch.no_grad()
+def predict_masks(response: torch.Tensor, empty_threshold: float):
+    """Response maps (B, H, W) in [0, 1] -> boolean masks (B, H, W) and scores (B,).
+
+    Score = the map's maximum; foreground = response > score / 2 (Section 3.4), and nothing
+    when score < ``empty_threshold``.
+    """
+    score = response.flatten(1).amax(1)  # (B,)
+    masks = response > (score / 2).view(-1, 1, 1)
+    masks &= (score >= empty_threshold).view(-1, 1, 1)
+    return masks, score
+
+
+def save_trained(folder, model: nn.Module, cfg: ModelConfig, vocab_size: int, meta: dict) -> None:
+    """Write ``model.pt`` (a plain state_dict) and ``model.json`` (how to rebuild it)."""
+    import json
+    from pathlib import Path
+
+    folder = Path(folder)
+    state = {k: v.detach().cpu() for k, v in _unwrap(model).state_dict().items()}
+    torch.save(state, folder / "model.pt")
+    info = {"model": cfg.model_dump(mode="json"), "vocab_size": vocab_size, **meta}
+    (folder / "model.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+
+
+def load_trained(folder, map_location="cpu") -> tuple[QuerySegNet, dict]:
+    """Rebuild a model written by :func:`save_trained` (tensors only: ``weights_only=True``)."""
+    import json
+    from pathlib import Path
+
+    folder = Path(folder)
+    info = json.loads((folder / "model.json").read_text())
+    model = build_model(ModelConfig.model_validate(info["model"]), info["vocab_size"])
+    state = torch.load(folder / "model.pt", map_location=map_location, weights_only=True)
+    model.load_state_dict(state)
+    return model, info
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if hasattr(model, "module") else model  # DDP wrapper

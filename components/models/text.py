@@ -1,0 +1,61 @@
+"""Query side of the base network (SDA Appendix A): word embeddings W and a Bi-GRU giving Q."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+from components.data.vocab import Vocab
+
+
+def load_glove(path: str | Path, vocab: Vocab, dim: int, seed: int = 0) -> torch.Tensor:
+    """Embedding matrix (len(vocab), dim) from a GloVe text file (``word v1 ... v_dim`` lines).
+
+    Words absent from the file keep a small seeded random vector; ``<pad>`` is all zeros.
+
+    Raises:
+        ValueError: naming the file and line of a row whose width is not ``dim``.
+    """
+    rng = np.random.default_rng(seed)
+    table = rng.normal(0.0, 0.1, size=(len(vocab), dim)).astype(np.float32)
+    table[0] = 0.0
+    found = 0
+    with open(path, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, start=1):
+            parts = line.rstrip().split(" ")
+            word = parts[0]
+            if word not in vocab.stoi:
+                continue
+            if len(parts) - 1 != dim:
+                raise ValueError(f"{path}:{lineno}: expected {dim} values, got {len(parts) - 1}")
+            table[vocab.stoi[word]] = np.asarray(parts[1:], dtype=np.float32)
+            found += 1
+    if found == 0:
+        raise ValueError(f"{path}: no word of the vocabulary was found")
+    return torch.from_numpy(table)
+
+
+class QueryEncoder(nn.Module):
+    """Token ids -> (W, Q): word embeddings (B, N, E) and Bi-GRU query features (B, N, C)."""
+
+    def __init__(
+        self, vocab_size: int, embed_dim: int, hidden: int, pretrained: torch.Tensor | None = None
+    ):
+        super().__init__()
+        if hidden % 2:
+            raise ValueError(f"hidden size must be even for a Bi-GRU, got {hidden}")
+        self.embed = nn.Embedding(vocab_size, embed_dim, padding_idx=0)
+        if pretrained is not None:
+            self.embed.weight.data.copy_(pretrained)
+        self.gru = nn.GRU(embed_dim, hidden // 2, batch_first=True, bidirectional=True)
+
+    def forward(self, tokens: torch.Tensor, lengths: torch.Tensor):
+        words = self.embed(tokens)  # (B, N, E)
+        packed = pack_padded_sequence(words, lengths.cpu(), batch_first=True, enforce_sorted=False)
+        out, _ = self.gru(packed)
+        q, _ = pad_packed_sequence(out, batch_first=True, total_length=tokens.shape[1])
+        return words, q  # (B, N, E), (B, N, C)

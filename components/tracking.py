@@ -1,0 +1,108 @@
+"""MLflow: one run per stage, grouped per pipeline invocation, tied to git and DVC.
+
+Only the driver process logs (Ray workers report to the driver), so the default SQLite store
+never sees concurrent writers. Tags on every run:
+
+* ``adaseg.stage``: the DVC stage; ``adaseg.pipeline_id``: shared by all stages of one
+  ``dvc repro`` / ``dvc exp run`` (``ADASEG_PIPELINE_ID`` if set, else derived from the DVC
+  process that launched the stage, else fresh);
+* ``mlflow.source.git.commit`` and ``adaseg.git_dirty``; ``adaseg.params_hash``: hash of the
+  params sections the stage read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import subprocess
+import uuid
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import psutil
+
+from components.config import RuntimeConfig
+
+
+def tracking_uri(cfg: RuntimeConfig, root: Path) -> str:
+    """``MLFLOW_TRACKING_URI`` > ``runtime.mlflow_tracking_uri`` > local SQLite in ``root``."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or cfg.mlflow_tracking_uri
+    return uri or f"sqlite:///{(root / 'mlruns.db').resolve()}"
+
+
+def pipeline_id() -> str:
+    """An id shared by every stage of one DVC invocation."""
+    if os.environ.get("ADASEG_PIPELINE_ID"):
+        return os.environ["ADASEG_PIPELINE_ID"]
+    with contextlib.suppress(psutil.Error):
+        for proc in psutil.Process().parents():
+            cmd = " ".join(proc.cmdline())
+            if "dvc" in cmd and (" repro" in cmd or " exp" in cmd):
+                return f"dvc-{proc.pid}-{int(proc.create_time())}"
+    return uuid.uuid4().hex[:16]
+
+
+def git_state(root: Path) -> tuple[str, bool]:
+    def git(*args):
+        return subprocess.run(
+            ["git", *args], cwd=root, capture_output=True, text=True, check=False
+        ).stdout.strip()
+
+    commit = git("rev-parse", "HEAD") or "unknown"
+    dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+    return commit, dirty
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = json.dumps(v) if isinstance(v, list) else v
+    return out
+
+
+def _experiment_id(name: str, root: Path) -> str:
+    exp = mlflow.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    uri = mlflow.get_tracking_uri()
+    # A local store keeps artefacts next to it, not in the current working directory.
+    location = (root / "mlartifacts").resolve().as_uri() if uri.startswith("sqlite") else None
+    try:
+        return mlflow.create_experiment(name, artifact_location=location)
+    except mlflow.exceptions.MlflowException:  # created concurrently by another stage
+        return mlflow.get_experiment_by_name(name).experiment_id
+
+
+@contextlib.contextmanager
+def stage_run(stage: str, cfg: RuntimeConfig, params: dict[str, Any], root: Path, name=None):
+    """Start the MLflow run of one stage; yields the active run."""
+    mlflow.set_tracking_uri(tracking_uri(cfg, root))
+    exp_id = _experiment_id(cfg.mlflow_experiment, root)
+    commit, dirty = git_state(root)
+    flat = flatten(params)
+    tags = {
+        "adaseg.stage": stage,
+        "adaseg.pipeline_id": pipeline_id(),
+        "adaseg.params_hash": hashlib.sha256(
+            json.dumps(flat, sort_keys=True, default=str).encode()
+        ).hexdigest()[:12],
+        "adaseg.git_dirty": str(dirty).lower(),
+        "mlflow.source.git.commit": commit,
+    }
+    with mlflow.start_run(experiment_id=exp_id, run_name=name or stage, tags=tags) as run:
+        mlflow.log_params(flat)
+        yield run
+
+
+def log_history(history: list[dict[str, float]]) -> None:
+    """Per-epoch metrics, epoch as the step."""
+    for row in history:
+        step = int(row["epoch"])
+        mlflow.log_metrics({k: float(v) for k, v in row.items() if k != "epoch"}, step=step)

@@ -1,0 +1,90 @@
+"""Plain PyTorch training and inference steps, shared by Ray Train workers and benchmarks.
+
+Nothing here knows about Ray or MLflow (STYLE.md #4): the stage wraps these in a worker loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from components.config import TrainConfig
+from components.data.dataset import SplitArrays, iterate_batches, to_batch
+from components.losses import multiscale_bce
+from components.metrics import referring_metrics
+from components.models.network import predict_masks
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, steps_total: int):
+    """Adam with linear warm-up to ``cfg.lr`` then linear decay to 0 (SDA Appendix C.2)."""
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    warm = max(1, min(cfg.warmup_steps, steps_total // 2))
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        return max(0.0, (steps_total - step) / max(1, steps_total - warm))
+
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def _autocast(device: torch.device, amp: bool):
+    if amp and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def train_epoch(
+    model,
+    opt,
+    sched,
+    data: SplitArrays,
+    indices: np.ndarray,
+    batch_size: int,
+    device: torch.device,
+    rng: np.random.Generator,
+    amp: bool = False,
+    on_batch: Callable[[float], None] | None = None,
+) -> dict[str, float]:
+    """One pass of L_seg (Eq. 10) over ``indices`` of ``data``; returns mean loss and count."""
+    model.train()
+    total, count = 0.0, 0
+    for batch_idx in iterate_batches(len(indices), batch_size, shuffle=True, rng=rng):
+        batch = to_batch(data, indices[batch_idx], device)
+        with _autocast(device, amp):
+            out = model(batch["image"], batch["tokens"], batch["lengths"], batch["superpixels"])
+            loss = multiscale_bce(out["logits"], out["full_logits"].float(), batch["mask"])
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite training loss {loss.item()}")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        total += loss.item() * len(batch_idx)
+        count += len(batch_idx)
+        if on_batch:
+            on_batch(loss.item())
+    return {"loss": total / max(1, count), "samples": count}
+
+
+@torch.no_grad()
+def predict(model, data: SplitArrays, batch_size: int, device, empty_threshold: float):
+    """Boolean masks (N, H, W) and scores (N,) for every sample of ``data``."""
+    model.eval()
+    masks, scores = [], []
+    for idx in iterate_batches(len(data), batch_size, shuffle=False):
+        batch = to_batch(data, idx, device)
+        out = model(batch["image"], batch["tokens"], batch["lengths"], batch["superpixels"])
+        m, s = predict_masks(out["response"].float(), empty_threshold)
+        masks.append(m.cpu().numpy())
+        scores.append(s.cpu().numpy())
+    return np.concatenate(masks), np.concatenate(scores)
+
+
+def evaluate(model, data: SplitArrays, batch_size: int, device, empty_threshold: float):
+    """Referring metrics of ``model`` on ``data`` (see ``metrics.referring_metrics``)."""
+    masks, scores = predict(model, data, batch_size, device, empty_threshold)
+    return referring_metrics(list(masks), list(data.masks), list(scores))

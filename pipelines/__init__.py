@@ -1,0 +1,1 @@
+"""One module per DVC stage: parse params, call components, write outputs atomically."""

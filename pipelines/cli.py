@@ -1,0 +1,95 @@
+"""The ``adaseg`` console entry point: one sub-command per stage, plus tools.
+
+Every sub-command reads ``--params`` (default ``params.yaml``), applies ``-S key=value``
+overrides, validates everything before doing any work, and takes its paths from argv (the
+paths live in ``dvc.yaml`` only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from components.config import ParamsError
+from components.data.schema import DataError
+from pipelines.common import read_params, setup_logging
+
+log = logging.getLogger("adaseg")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="adaseg", description=__doc__.splitlines()[0])
+    p.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    p.add_argument(
+        "-S",
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a param, e.g. -S pretrain.epochs=3 (repeatable)",
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("prepare", help="generate the embedded cross-domain benchmark")
+    s.add_argument("--out", required=True)
+    s.add_argument("--metrics")
+
+    for phase, what in (
+        ("pretrain", "source-only training (SDA stage 1)"),
+        ("oracle", "target-supervised upper bound"),
+    ):
+        s = sub.add_parser(phase, help=what)
+        s.add_argument("--data", required=True)
+        s.add_argument("--out", required=True)
+        s.add_argument("--metrics", required=True)
+        s.add_argument("--plots", required=True)
+
+    s = sub.add_parser("evaluate", help="evaluate trained models on source val / target test")
+    s.add_argument("--data", required=True)
+    s.add_argument("--models", nargs="+", required=True, help="model folders; name = folder name")
+    s.add_argument("--metrics", required=True, help="eval.json: model -> split -> metric")
+    s.add_argument("--predictions", required=True)
+    s.add_argument("--overlays", required=True)
+
+    s = sub.add_parser("report", help="markdown + CSV table of all evaluated models")
+    s.add_argument("--eval", required=True)
+    s.add_argument("--out", required=True)
+
+    sub.add_parser("validate", help="validate the params file and exit")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    setup_logging()
+    try:
+        params = read_params(args.params, args.set)
+        if args.command == "validate":
+            print(f"{args.params}: ok")
+        elif args.command == "prepare":
+            from pipelines import prepare
+
+            prepare.main(params, args.out, args.metrics)
+        elif args.command in ("pretrain", "oracle"):
+            from pipelines import train
+
+            train.main(params, args.command, args.data, args.out, args.metrics, args.plots)
+        elif args.command == "evaluate":
+            from pipelines import evaluate
+
+            evaluate.main(
+                params, args.data, args.models, args.metrics, args.predictions, args.overlays
+            )
+        elif args.command == "report":
+            from pipelines import report
+
+            report.main(args.eval, args.out)
+    except (ParamsError, DataError) as err:
+        print(f"adaseg {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
