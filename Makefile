@@ -30,7 +30,7 @@ test: install lint
 
 bench: install
 	$(BIN)/python benchmarks/throughput.py
-	$(BIN)/python benchmarks/quality.py
+	$(BIN)/python benchmarks/repro_seeds.py --seeds 0 1 2
 
 clean:
 	rm -rf .adaseg mlruns.db mlartifacts

@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "report":
             from pipelines import report
 
-            report.main(args.eval, args.out)
+            report.main(params, args.eval, args.out)
     except (ParamsError, DataError) as err:
         print(f"adaseg {args.command}: error: {err}", file=sys.stderr)
         return 2

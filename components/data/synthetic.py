@@ -69,7 +69,7 @@ TARGET_MANY = ["every {d}", "each of the {d}", "find all {d}"]
 # Source leans on colour, target on category / size / spatial relations.
 STYLES = ["color", "color_cat", "size_color_cat", "category", "size_cat", "relation"]
 SOURCE_STYLE_W = np.array([0.35, 0.45, 0.15, 0.0, 0.0, 0.05])
-TARGET_STYLE_W = np.array([0.0, 0.05, 0.05, 0.35, 0.3, 0.25])
+TARGET_STYLE_W = np.array([0.0, 0.1, 0.05, 0.35, 0.35, 0.15])
 
 DOMAINS = {"source": 0, "target": 1}
 SPLITS = {"train": 0, "val": 1, "test": 2}
@@ -149,11 +149,12 @@ def render(objs: list[Obj], size: int, gap: GapConfig, domain: str, rng) -> np.n
         for later in objs[i + 1 :]:
             obj.mask = obj.mask & ~later.mask
     if v > 0:
-        gains = 1 + rng.uniform(-0.35, 0.35, size=3) * v  # colour cast
-        light = 1 + 0.4 * v * (xx - 0.5) * rng.choice([-1, 1])  # lighting gradient
+        # mild enough that colour names stay true: the style changes, the content does not
+        gains = 1 + rng.uniform(-0.15, 0.15, size=3) * v  # colour cast
+        light = 1 + 0.3 * v * (xx - 0.5) * rng.choice([-1, 1])  # lighting gradient
         img = img * gains * light[..., None]
-        img = gaussian(img, sigma=1.2 * v, channel_axis=-1, preserve_range=True)
-        img += rng.normal(0, 25 * v, size=img.shape)
+        img = gaussian(img, sigma=0.8 * v, channel_axis=-1, preserve_range=True)
+        img += rng.normal(0, 12 * v, size=img.shape)
     return np.clip(img, 0, 255).astype(np.uint8), semantic
 
 

@@ -1,0 +1,61 @@
+import pytest
+import yaml
+
+from components.config import ParamsError, load_params, parse_params
+from tests.conftest import ROOT, real_params
+
+
+def test_real_params_file_is_valid():
+    params = load_params(ROOT / "params.yaml")
+    assert params.adapt.gamma_min < params.adapt.gamma_max
+    assert params.semantics.tau == 0.2  # paper default
+
+
+def _error_for(mutate) -> str:
+    raw = real_params()
+    mutate(raw)
+    with pytest.raises(ParamsError) as info:
+        parse_params(raw, "params.yaml")
+    return str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("mutate", "expected"),
+    [
+        (lambda r: r["semantics"].update(tau=-0.1), "semantics.tau"),
+        (lambda r: r["adapt"].update(gamma_min=0.9, gamma_max=0.5), "gamma_min (0.9) must be <"),
+        (lambda r: r["adapt"].update(method="nope"), "adapt.method"),
+        (lambda r: r.pop("pretrain"), "pretrain: missing section"),
+        (lambda r: r["pretrain"].update(epocs=3), "pretrain.epocs: unknown field"),
+        (lambda r: r["pretrain"].update(epochs=0), "pretrain.epochs"),
+        (lambda r: r["semantics"].update(beta=1.5), "semantics.beta"),
+        (lambda r: r["adapt"].update(lambda1=-1), "adapt.lambda1"),
+        (lambda r: r["data"]["query_mix"].update(one=0.9), "data.query_mix"),
+        (lambda r: r["data"].update(min_objects=5, max_objects=2), "min_objects"),
+        (lambda r: r["model"].update(embeddings="glove"), "glove_path is required"),
+    ],
+)
+def test_bad_params_name_the_field(mutate, expected):
+    assert expected in _error_for(mutate)
+
+
+def test_every_bad_field_is_reported_at_once():
+    def mutate(r):
+        r["semantics"]["tau"] = 0
+        r["oracle"]["lr"] = -1
+
+    msg = _error_for(mutate)
+    assert "semantics.tau" in msg and "oracle.lr" in msg
+
+
+def test_overrides_and_bad_yaml(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(real_params()))
+    assert load_params(path, {"pretrain.epochs": 3}).pretrain.epochs == 3
+    with pytest.raises(ParamsError, match="no section 'nope'"):
+        load_params(path, {"nope.x": 1})
+    path.write_text("seed: [unclosed")
+    with pytest.raises(ParamsError, match="not valid YAML"):
+        load_params(path)
+    with pytest.raises(ParamsError, match="not found"):
+        load_params(tmp_path / "missing.yaml")

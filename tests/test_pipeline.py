@@ -1,0 +1,260 @@
+"""End to end: `dvc repro` of the real dvc.yaml on tiny params in a temporary copy of the repo.
+
+Real DVC, real local Ray, real MLflow SQLite store. Checks every output, the data contract,
+one MLflow run per stage grouped by pipeline id, no-op second repro, `dvc exp run -S`,
+resume of a killed training stage, and that bad data fails cleanly without partial outputs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from components.data.schema import decode_rle
+from components.metrics import referring_metrics
+from tests.conftest import ROOT, tiny_params
+
+pytestmark = pytest.mark.slow
+STAGES = ["prepare", "pretrain", "oracle", "evaluate", "report"]
+
+
+def _env(repo: Path) -> dict:
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    for var in ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID", "RAY_ADDRESS", "ADASEG_PIPELINE_ID"):
+        env.pop(var, None)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def _run(repo: Path, *cmd: str, check=True, timeout=900) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        cmd, cwd=repo, env=_env(repo), capture_output=True, text=True, timeout=timeout
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"{' '.join(cmd)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+        )
+    return proc
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory) -> Path:
+    """A git + DVC repo with this project's files and tiny params, after one `dvc repro`."""
+    dst = tmp_path_factory.mktemp("repo")
+    files = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    for rel in files:
+        src = ROOT / rel
+        if src.is_file() and not rel.startswith(("data/", "models/", "metrics/", "plots/")):
+            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dst / rel)
+    for lock in ("dvc.lock",):
+        (dst / lock).unlink(missing_ok=True)
+    (dst / "params.yaml").write_text(yaml.safe_dump(tiny_params(), sort_keys=False))
+    for cmd in (
+        ["git", "init", "-q"],
+        ["git", "-c", "user.name=t", "-c", "user.email=t@t", "add", "-A"],
+        ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"],
+    ):
+        subprocess.run(cmd, cwd=dst, check=True)
+    _run(dst, "dvc", "repro")
+    return dst
+
+
+def test_repro_writes_every_output(repo):
+    for path in [
+        "data/prepared/vocab.json",
+        "data/prepared/stats.json",
+        "models/source_only/model.pt",
+        "models/oracle/model.pt",
+        "metrics/pretrain.json",
+        "metrics/oracle.json",
+        "plots/pretrain.csv",
+        "plots/overlays/source_only.png",
+        "reports/results.md",
+        "reports/results.csv",
+    ]:
+        assert (repo / path).is_file(), path
+    assert len(list((repo / "data/prepared/source/train").glob("*.parquet"))) == 2  # 64 / 40
+    history = pd.read_csv(repo / "plots/pretrain.csv")
+    assert history["epoch"].tolist() == [1, 2]
+    assert {"loss", "val_oiou", "val_miou", "val_map"} <= set(history.columns)
+    report = (repo / "reports/results.md").read_text()
+    assert "source_only" in report and "oracle" in report
+    # nothing half-written left behind
+    assert not list(repo.rglob(".*.tmp-*"))
+
+
+def test_eval_contract_and_metrics_recomputable(repo):
+    results = json.loads((repo / "metrics/eval.json").read_text())
+    assert set(results) == {"source_only", "oracle"}
+    for per_split in results.values():
+        assert set(per_split) == {"source_val", "target_test"}
+        for vals in per_split.values():
+            assert {"oiou", "miou", "map", "prec@0.5", "n"} <= set(vals)
+            assert 0.0 <= vals["oiou"] <= 1.0
+    # predictions carry the prepared sample ids; metrics recompute from them
+    preds = pd.read_parquet(repo / "predictions/source_only/target_test.parquet")
+    truth = pd.read_parquet(repo / "data/prepared/target/test", columns=["sample_id", "target_rle"])
+    merged = truth.merge(preds, on="sample_id", validate="one_to_one")
+    assert len(merged) == len(truth) == 24
+
+    def rle(r):
+        return decode_rle({"size": list(r["size"]), "counts": r["counts"]})
+
+    again = referring_metrics(
+        [rle(r) for r in merged["pred_rle"]],
+        [rle(r) for r in merged["target_rle"]],
+        merged["score"].tolist(),
+    )
+    expected = results["source_only"]["target_test"]
+    for key in ("oiou", "miou", "map"):
+        assert again[key] == pytest.approx(expected[key], abs=1e-6)
+
+
+def _mlflow_runs(repo: Path) -> pd.DataFrame:
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlruns.db'}")
+    return mlflow.search_runs(experiment_names=["adaseg"])
+
+
+def test_one_mlflow_run_per_stage_grouped_and_tied_to_git(repo):
+    runs = _mlflow_runs(repo)
+    assert sorted(runs["tags.adaseg.stage"]) == sorted(STAGES)
+    assert runs["tags.adaseg.pipeline_id"].nunique() == 1
+    commit = subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True
+    ).stdout.strip()
+    assert set(runs["tags.mlflow.source.git.commit"]) == {commit}
+    assert (runs["status"] == "FINISHED").all()
+    pre = runs[runs["tags.adaseg.stage"] == "pretrain"].iloc[0]
+    assert pre["params.pretrain.epochs"] == "2"
+    import mlflow
+
+    client = mlflow.tracking.MlflowClient()
+    hist = client.get_metric_history(pre["run_id"], "val_oiou")
+    assert [m.step for m in hist] == [1, 2]
+    artifacts = {a.path for a in client.list_artifacts(pre["run_id"])}
+    assert {"curves.png", "model"} <= artifacts
+    ev = runs[runs["tags.adaseg.stage"] == "evaluate"].iloc[0]
+    assert "overlays" in {a.path for a in client.list_artifacts(ev["run_id"])}
+
+
+def test_second_repro_does_nothing(repo):
+    before = len(_mlflow_runs(repo))
+    out = _run(repo, "dvc", "repro").stdout
+    assert "Running stage" not in out
+    assert len(_mlflow_runs(repo)) == before
+
+
+def test_dvc_exp_run_with_override(repo):
+    out = _run(repo, "dvc", "exp", "run", "-S", "pretrain.epochs=1").stdout
+    assert "Running stage 'pretrain'" in out and "Running stage 'prepare'" not in out
+    assert pd.read_csv(repo / "plots/pretrain.csv")["epoch"].tolist() == [1]
+    assert "pretrain.epochs" in _run(repo, "dvc", "exp", "show", "--csv").stdout
+    _run(repo, "git", "checkout", "--", "params.yaml")
+    _run(repo, "dvc", "checkout", "--force")
+
+
+def test_killed_training_stage_resumes(repo):
+    cmd = [
+        "adaseg",
+        "-S",
+        "pretrain.epochs=4",
+        "pretrain",
+        "--data",
+        "data/prepared",
+        "--out",
+        "resume/model",
+        "--metrics",
+        "resume/m.json",
+        "--plots",
+        "resume/p.csv",
+    ]
+    proc = subprocess.Popen(
+        cmd,
+        cwd=repo,
+        env=_env(repo),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    storage = repo / ".adaseg/ray_results"
+    deadline = time.time() + 300
+    while time.time() < deadline and not list(storage.glob("pretrain-*/checkpoint_*/state.pt")):
+        time.sleep(0.5)
+    assert list(storage.glob("pretrain-*/checkpoint_*/state.pt")), "no checkpoint appeared"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (repo / "resume/model").exists()  # nothing half-written
+
+    out = _run(repo, *cmd)
+    assert "resuming after epoch" in out.stdout + out.stderr
+    history = pd.read_csv(repo / "resume/p.csv")
+    assert history["epoch"].tolist() == [1, 2, 3, 4]
+    assert not list(storage.glob("pretrain-*"))  # resume state removed once materialised
+
+
+def test_corrupt_shard_fails_cleanly(repo):
+    bad = repo / "bad_data"
+    shutil.copytree(repo / "data/prepared", bad)
+    shard = sorted((bad / "target/test").glob("*.parquet"))[0]
+    df = pd.read_parquet(shard)
+    df.loc[1, "image_png"] = b"garbage"
+    df.to_parquet(shard)
+    proc = _run(
+        repo,
+        "adaseg",
+        "evaluate",
+        "--data",
+        str(bad),
+        "--models",
+        "models/source_only",
+        "--metrics",
+        "bad/eval.json",
+        "--predictions",
+        "bad/predictions",
+        "--overlays",
+        "bad/overlays",
+        check=False,
+    )
+    assert proc.returncode == 2
+    assert str(shard) in proc.stderr and df.loc[1, "sample_id"] in proc.stderr
+    assert "corrupt image" in proc.stderr
+    assert not (repo / "bad").exists()
+
+
+def test_bad_params_fail_before_any_work(repo):
+    proc = _run(
+        repo, "adaseg", "-S", "adapt.gamma_min=0.95", "prepare", "--out", "never", check=False
+    )
+    assert proc.returncode == 2
+    assert "adapt: gamma_min (0.95) must be < gamma_max (0.9)" in proc.stderr
+    assert not (repo / "never").exists()
+
+
+def test_prepared_data_is_deterministic(repo, tmp_path):
+    _run(repo, "adaseg", "prepare", "--out", str(tmp_path / "again"))
+    a = pd.read_parquet(repo / "data/prepared/target/train")
+    b = pd.read_parquet(tmp_path / "again/target/train")
+    assert a["query"].tolist() == b["query"].tolist()
+    assert np.array_equal(a["image_png"].to_numpy(), b["image_png"].to_numpy())
