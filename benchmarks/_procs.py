@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import threading
 import time
@@ -26,10 +27,8 @@ def run_measured(cmd: list[str], cwd, env=None, interval: float = 0.5) -> dict:
                 procs = [root, *root.children(recursive=True)]
                 total = 0
                 for p in procs:
-                    try:
+                    with contextlib.suppress(psutil.Error):
                         total += p.memory_info().rss
-                    except psutil.Error:
-                        pass
                 peak = max(peak, total)
             except psutil.Error:
                 pass
