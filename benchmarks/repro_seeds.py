@@ -97,11 +97,14 @@ def main() -> None:
         r["eval"]["source_only"]["target_test"]["oiou"] / r["eval"]["oracle"]["target_test"]["oiou"]
         for r in runs
     ]
-    summary["source_only_over_oracle_target_oiou"] = dict(zip(["mean", "std"], mean_std(ratio)))
-    summary["wall_s"] = dict(zip(["mean", "std"], mean_std([r["wall_s"] for r in runs])))
-    summary["peak_rss_mib"] = dict(
-        zip(["mean", "std"], mean_std([r["peak_rss_mib"] for r in runs]))
-    )
+
+    def ms(xs):
+        m, s = mean_std(xs)
+        return {"mean": m, "std": s}
+
+    summary["source_only_over_oracle_target_oiou"] = ms(ratio)
+    summary["wall_s"] = ms([r["wall_s"] for r in runs])
+    summary["peak_rss_mib"] = ms([r["peak_rss_mib"] for r in runs])
     Path(args.out).write_text(
         json.dumps({"overrides": overrides, "runs": runs, "summary": summary}, indent=2) + "\n"
     )
