@@ -1,0 +1,159 @@
+"""Running a training phase on Ray Train: the one place that knows about workers, reports,
+checkpoints and resume. Every training stage (pretrain, oracle, init, masks, adapt) supplies a
+``Phase``: how to build its modules, run one epoch and validate; this module does the rest.
+
+Resume: the run is named after a hash of its inputs, so re-running an interrupted stage finds
+the run's state in ``runtime.storage_path``; Ray Train hands the last checkpoint to the new
+workers (``ray.train.get_checkpoint()``) and training continues after the last finished epoch.
+Batch order is seeded by (seed, rank, epoch), so a resumed run sees the same batches.
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import ray
+import torch
+from ray.train import Checkpoint, CheckpointConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from components.config import Params, TrainConfig
+from components.io import fingerprint
+from components.models.network import _unwrap
+from components.runtime import (
+    cpus_per_worker,
+    init_ray,
+    remove_storage,
+    resolve_use_gpu,
+    storage_path,
+)
+from pipelines.common import repo_root
+
+
+@dataclass
+class Phase:
+    """What a training stage defines; built inside each worker by its ``setup`` function."""
+
+    epochs: int
+    modules: dict[str, torch.nn.Module]  # everything saved in the checkpoint
+    optimizers: dict[str, object]  # optimizers and schedulers (state_dict-able)
+    train_epoch: Callable[[int, Callable[[], None] | None], dict[str, float]]
+    validate: Callable[[], dict[str, float]]  # rank 0 only
+    steps_per_epoch: int = 1
+    extra_state: dict = field(default_factory=dict)  # e.g. memory banks, saved as tensors
+
+
+def worker_loop(config: dict) -> None:
+    """The Ray Train worker: builds the phase, resumes, trains, reports a checkpoint per epoch."""
+    import ray.train
+    from ray.experimental.tqdm_ray import tqdm
+
+    ctx = ray.train.get_context()
+    rank = ctx.get_world_rank()
+    torch.set_num_threads(config["threads"])
+    torch.manual_seed(config["seed"])  # identical initial weights on every rank
+    phase: Phase = config["setup"](config)
+    name = config["phase"]
+    start, history = 0, []
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            state = torch.load(Path(d) / "state.pt", map_location="cpu", weights_only=True)
+        for key, module in phase.modules.items():
+            _unwrap(module).load_state_dict(state["modules"][key])
+        for key, opt in phase.optimizers.items():
+            opt.load_state_dict(state["optimizers"][key])
+        phase.extra_state.update(state.get("extra", {}))
+        start, history = state["epoch"], state["history"]
+        if rank == 0:
+            print(f"[{name}] resuming after epoch {start}/{phase.epochs}", flush=True)
+
+    for epoch in range(start, phase.epochs):
+        desc = f"{name} epoch {epoch + 1}/{phase.epochs}"
+        # a live bar on a terminal; one line per epoch in logs (DVC, CI) that cannot redraw
+        bar = tqdm(total=phase.steps_per_epoch, desc=desc) if rank == 0 and config["progress"] else None
+        t0 = time.perf_counter()
+        row = {"epoch": epoch + 1, **phase.train_epoch(epoch, (lambda b=bar: b.update(1)) if bar else None)}
+        row["seconds"] = time.perf_counter() - t0
+        if bar:
+            bar.close()
+        with tempfile.TemporaryDirectory() as d:
+            ckpt = None
+            if rank == 0:
+                row.update(phase.validate())
+                history.append(row)
+                print(f"{desc}: " + ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "epoch"), flush=True)
+                torch.save(
+                    {
+                        "modules": {k: _unwrap(m).state_dict() for k, m in phase.modules.items()},
+                        "optimizers": {k: o.state_dict() for k, o in phase.optimizers.items()},
+                        "extra": phase.extra_state,
+                        "epoch": epoch + 1,
+                        "history": history,
+                    },
+                    Path(d) / "state.pt",
+                )
+                ckpt = Checkpoint.from_directory(d)
+            ray.train.report(row, checkpoint=ckpt)
+
+
+def fit(
+    params: Params,
+    phase: str,
+    tcfg: TrainConfig,
+    setup: Callable[[dict], Phase],
+    config: dict,
+    inputs: list[Path],
+) -> dict:
+    """Run ``setup``'s phase on Ray Train; returns the final checkpoint's state.
+
+    ``config`` is passed to ``setup`` in every worker (put large arrays in it as ObjectRefs);
+    ``inputs`` (files) and the params name the run for resume.
+    """
+    root = repo_root()
+    init_ray(params.runtime)
+    use_gpu = resolve_use_gpu(tcfg.use_gpu)
+    threads = 1 if use_gpu else cpus_per_worker(tcfg.num_workers)
+    name = f"{phase}-" + fingerprint(
+        inputs,
+        {"phase": phase, "params": params.model_dump(mode="json", exclude={"runtime"})},
+    )
+    storage = storage_path(params.runtime, root)
+    trainer = TorchTrainer(
+        worker_loop,
+        train_loop_config={
+            **config,
+            "phase": phase,
+            "setup": setup,
+            "seed": params.seed,
+            "threads": threads,
+            "progress": sys.stderr.isatty(),
+        },
+        scaling_config=ScalingConfig(
+            num_workers=tcfg.num_workers,
+            use_gpu=use_gpu,
+            resources_per_worker={"CPU": 1 if use_gpu else threads},
+        ),
+        run_config=RunConfig(
+            name=name, storage_path=storage, checkpoint_config=CheckpointConfig(num_to_keep=2)
+        ),
+    )
+    result = trainer.fit()
+    with result.checkpoint.as_directory() as d:
+        state = torch.load(Path(d) / "state.pt", map_location="cpu", weights_only=True)
+    state["_storage"] = f"{storage.rstrip('/')}/{name}"
+    return state
+
+
+def finish(state: dict) -> None:
+    """Call once the stage's outputs are written: the resume state is no longer needed."""
+    remove_storage(state["_storage"])
+
+
+def put(obj) -> ray.ObjectRef:
+    return ray.put(obj)
