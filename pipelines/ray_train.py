@@ -17,7 +17,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import ray
 import torch
 from ray.train import Checkpoint, CheckpointConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
@@ -76,9 +75,16 @@ def worker_loop(config: dict) -> None:
     for epoch in range(start, phase.epochs):
         desc = f"{name} epoch {epoch + 1}/{phase.epochs}"
         # a live bar on a terminal; one line per epoch in logs (DVC, CI) that cannot redraw
-        bar = tqdm(total=phase.steps_per_epoch, desc=desc) if rank == 0 and config["progress"] else None
+        bar = (
+            tqdm(total=phase.steps_per_epoch, desc=desc)
+            if rank == 0 and config["progress"]
+            else None
+        )
         t0 = time.perf_counter()
-        row = {"epoch": epoch + 1, **phase.train_epoch(epoch, (lambda b=bar: b.update(1)) if bar else None)}
+        row = {
+            "epoch": epoch + 1,
+            **phase.train_epoch(epoch, (lambda b=bar: b.update(1)) if bar else None),
+        }
         row["seconds"] = time.perf_counter() - t0
         if bar:
             bar.close()
@@ -87,7 +93,10 @@ def worker_loop(config: dict) -> None:
             if rank == 0:
                 row.update(phase.validate())
                 history.append(row)
-                print(f"{desc}: " + ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "epoch"), flush=True)
+                print(
+                    f"{desc}: " + ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "epoch"),
+                    flush=True,
+                )
                 torch.save(
                     {
                         "modules": {k: _unwrap(m).state_dict() for k, m in phase.modules.items()},
@@ -153,7 +162,3 @@ def fit(
 def finish(state: dict) -> None:
     """Call once the stage's outputs are written: the resume state is no longer needed."""
     remove_storage(state["_storage"])
-
-
-def put(obj) -> ray.ObjectRef:
-    return ray.put(obj)

@@ -50,6 +50,8 @@ def superpixel_refine(cam: torch.Tensor, superpixels: torch.Tensor, fg_threshold
     labels = superpixels.reshape(b, -1)
     r = int(labels.max()) + 1
     sums = torch.zeros(b, r, device=cam.device).scatter_add_(1, labels, cam.reshape(b, -1))
-    counts = torch.zeros(b, r, device=cam.device).scatter_add_(1, labels, torch.ones_like(sums[:, :1]).expand(-1, labels.shape[1]))
+    counts = torch.zeros(b, r, device=cam.device).scatter_add_(
+        1, labels, torch.ones_like(sums[:, :1]).expand(-1, labels.shape[1])
+    )
     region = sums / counts.clamp_min(1)
     return (torch.gather(region, 1, labels) > fg_threshold).reshape(b, h, w)

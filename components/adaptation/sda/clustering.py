@@ -76,10 +76,16 @@ def cluster_contents(
         if algorithm == "kmeans":
             labels = KMeans(k, n_init=4, random_state=seed).fit_predict(uniq)
         else:
-            labels = SpectralClustering(
-                k, affinity="nearest_neighbors", n_neighbors=min(10, len(uniq) - 1) or 1,
-                random_state=seed,
-            ).fit_predict(uniq) if len(uniq) > k else np.arange(len(uniq))
+            labels = (
+                SpectralClustering(
+                    k,
+                    affinity="nearest_neighbors",
+                    n_neighbors=min(10, len(uniq) - 1) or 1,
+                    random_state=seed,
+                ).fit_predict(uniq)
+                if len(uniq) > k
+                else np.arange(len(uniq))
+            )
         return _relabel(labels[inverse])
     if len(uniq) <= max_exact:
         return _relabel(agglomerative(uniq, threshold)[inverse])

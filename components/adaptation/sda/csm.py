@@ -151,7 +151,9 @@ class PrototypeBank:
         for c in labels.unique():
             mean = F.normalize(feats[labels == c].mean(0), dim=0)
             if self.seen[c]:
-                mean = F.normalize(self.momentum * self.protos[c] + (1 - self.momentum) * mean, dim=0)
+                mean = F.normalize(
+                    self.momentum * self.protos[c] + (1 - self.momentum) * mean, dim=0
+                )
             self.protos[c] = mean
             self.seen[c] = True
 
