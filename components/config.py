@@ -153,18 +153,66 @@ class EvaluateConfig(_Section):
 
 
 class SemanticsConfig(_Section):
-    """Content-aware Semantic Modeling (SDA Section 3.2)."""
+    """Content-aware Semantic Modeling (SDA Section 3.2, Appendix B.1, D.1): stage ``semantics``."""
 
+    enabled: bool = Field(True, description="CSM on; off = one category for every sample.")
     tau: Annotated[float, Field(gt=0)] = Field(0.2, description="Attention temperature (paper).")
-    distance_threshold: Annotated[float, Field(gt=0)] = Field(0.5, description="paper")
+    distance_threshold: Annotated[float, Field(gt=0, le=2)] = Field(
+        0.5, description="Agglomerative cosine distance threshold (paper: 0.5)."
+    )
     beta: Annotated[float, Field(gt=0, le=1)] = Field(0.5, description="rho = beta log k^s (paper)")
+    similarity_temperature: Annotated[float, Field(gt=0)] = Field(
+        0.05, description="Eq. 2 on cosine similarities / this (assumed)."
+    )
+    boundary: bool = Field(True, description="Entropy boundary on; off = all target reliable.")
+    extraction: Literal["attentive", "mean_visual", "mean_text"] = Field(
+        "attentive", description="Eq. 1, or the mean-pooling(v) / mean-pooling(t) ablations."
+    )
+    content: Literal["embedding", "encoded"] = Field(
+        "embedding", description="Content from word embeddings W (paper) or encoded Q."
+    )
+    predictor: bool = Field(True, description="Predict target word weights (Appendix B.1).")
+    predictor_epochs: PositiveInt = Field(5, description="paper")
+    predictor_loss: Literal["l1", "kl"] = Field("l1", description="paper: L1")
+    clustering: Literal["agglomerative", "kmeans", "spectral"] = "agglomerative"
+    n_clusters: PositiveInt | None = Field(None, description="For kmeans / spectral only.")
+    max_exact: Annotated[int, Field(ge=2)] = Field(
+        5000, description="Distinct vectors clustered exactly; more are pre-clustered."
+    )
+
+    @model_validator(mode="after")
+    def _cluster_count(self) -> SemanticsConfig:
+        if self.clustering != "agglomerative" and not self.n_clusters:
+            raise ValueError(f"n_clusters is required when clustering is {self.clustering!r}")
+        return self
 
 
-class AdaptConfig(_Section):
-    """Stage 3: the adaptation method and its hyperparameters (SDA Section 3.3, C.2)."""
+class InitConfig(TrainConfig):
+    """SDA stage 2 (stage ``init``): L_seg + L_si from the stage-1 weights."""
+
+    epochs: PositiveInt = 3
+    si: bool = Field(True, description="L_si on; off = the w/o L_si ablation (L_seg only).")
+    si_weight: Annotated[float, Field(ge=0)] = Field(1.0, description="assumed")
+    si_temperature: Annotated[float, Field(gt=0)] = Field(0.1, description="assumed")
+
+
+class MasksConfig(TrainConfig):
+    """Multi-label classifier + CAM for semantic-based target masks (Appendix B.2)."""
+
+    epochs: PositiveInt = Field(5, description="CAM epochs (IRN reference: 5).")
+    lr: Annotated[float, Field(gt=0)] = 1e-3
+    widths: list[PositiveInt] = Field(default_factory=lambda: [16, 32, 64, 96])
+    fg_threshold: Fraction = Field(0.3, description="CAM foreground threshold (IRN: 0.30).")
+
+
+class AdaptConfig(TrainConfig):
+    """Stage 3 (stage ``adapt``): the adaptation method (SDA Section 3.3, C.2)."""
 
     method: Literal["sda"] = "sda"
-    epochs: PositiveInt = 4
+    epochs: PositiveInt = Field(3, description="paper: 10")
+    batch_size: PositiveInt = Field(16, description="Per domain (paper: 8).")
+    lr: Annotated[float, Field(gt=0)] = Field(1e-4, description="assumed (continued training)")
+    warmup_steps: NonNegInt = 20
     gamma_max: Fraction = Field(0.9, description="paper")
     gamma_min: Fraction = Field(0.1, description="paper")
     memory_size: PositiveInt = Field(100, description="B per category (paper).")
@@ -172,6 +220,16 @@ class AdaptConfig(_Section):
     contrast_temperature: Annotated[float, Field(gt=0)] = Field(0.1, description="assumed")
     lambda1: Annotated[float, Field(ge=0)] = Field(1.0, description="paper")
     lambda2: Annotated[float, Field(ge=0)] = Field(0.1, description="paper")
+    pixels: PositiveInt = Field(256, description="Pixels sampled per batch for contrast.")
+    cfb: bool = Field(True, description="Contrastive Feature Branch on.")
+    contrastive: bool = Field(True, description="off = w/o contrastive (plain similarity).")
+    memory: bool = Field(True, description="off = w/o memory bank.")
+    rrb: bool = Field(True, description="Reciprocal Relation Branch on.")
+    ct: bool = Field(True, description="off = w/o L_ct (no auxiliary target decoder).")
+    ho: bool = Field(True, description="off = w/o L_ho.")
+    reciprocal_masks: bool = Field(
+        True, description="off = domain-based target masks only (teacher pseudo masks)."
+    )
 
     @model_validator(mode="after")
     def _thresholds(self) -> AdaptConfig:
@@ -191,6 +249,8 @@ class Params(_Section):
     oracle: TrainConfig
     evaluate: EvaluateConfig
     semantics: SemanticsConfig
+    init: InitConfig
+    masks: MasksConfig
     adapt: AdaptConfig
 
 

@@ -18,9 +18,13 @@ from components.metrics import referring_metrics
 from components.models.network import predict_masks
 
 
-def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, steps_total: int):
-    """Adam with linear warm-up to ``cfg.lr`` then linear decay to 0 (SDA Appendix C.2)."""
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+def make_optimizer(model, cfg: TrainConfig, steps_total: int):
+    """Adam with linear warm-up to ``cfg.lr`` then linear decay to 0 (SDA Appendix C.2).
+
+    ``model`` is a module or an iterable of parameters.
+    """
+    params = model.parameters() if isinstance(model, torch.nn.Module) else model
+    opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     warm = max(1, min(cfg.warmup_steps, steps_total // 2))
 
     def factor(step: int) -> float:
@@ -48,8 +52,13 @@ def train_epoch(
     rng: np.random.Generator,
     amp: bool = False,
     on_batch: Callable[[float], None] | None = None,
+    extra_loss: Callable[[dict, dict, np.ndarray], torch.Tensor] | None = None,
 ) -> dict[str, float]:
-    """One pass of L_seg (Eq. 10) over ``indices`` of ``data``; returns mean loss and count."""
+    """One pass of L_seg (Eq. 10) over ``indices`` of ``data``; returns mean loss and count.
+
+    ``extra_loss(out, batch, rows)`` adds a method's term (e.g. SDA's L_si) to every step;
+    ``rows`` are the batch's row numbers in ``data``.
+    """
     model.train()
     total, count = 0.0, 0
     for batch_idx in iterate_batches(len(indices), batch_size, shuffle=True, rng=rng):
@@ -57,6 +66,8 @@ def train_epoch(
         with _autocast(device, amp):
             out = model(batch["image"], batch["tokens"], batch["lengths"], batch["superpixels"])
             loss = multiscale_bce(out["logits"], out["full_logits"].float(), batch["mask"])
+            if extra_loss is not None:
+                loss = loss + extra_loss(out, batch, indices[batch_idx])
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite training loss {loss.item()}")
         opt.zero_grad(set_to_none=True)

@@ -45,6 +45,35 @@ def _parser() -> argparse.ArgumentParser:
         s.add_argument("--metrics", required=True)
         s.add_argument("--plots", required=True)
 
+    s = sub.add_parser("semantics", help="SDA content-aware semantic modeling (CSM)")
+    s.add_argument("--data", required=True)
+    s.add_argument("--model", required=True, help="the stage-1 model folder")
+    s.add_argument("--out", required=True)
+    s.add_argument("--metrics", required=True)
+
+    s = sub.add_parser("init", help="SDA stage 2: L_seg + L_si from the stage-1 model")
+    s.add_argument("--data", required=True)
+    s.add_argument("--base", required=True, help="the stage-1 model folder")
+    s.add_argument("--semantics", required=True)
+    s.add_argument("--out", required=True)
+    s.add_argument("--metrics", required=True)
+    s.add_argument("--plots", required=True)
+
+    s = sub.add_parser("masks", help="SDA semantic-based target masks (classifier + CAM)")
+    s.add_argument("--data", required=True)
+    s.add_argument("--semantics", required=True)
+    s.add_argument("--out", required=True)
+    s.add_argument("--metrics", required=True)
+
+    s = sub.add_parser("adapt", help="stage 3: adapt to the target (adapt.method)")
+    s.add_argument("--data", required=True)
+    s.add_argument("--init", required=True, help="the stage-2 model folder")
+    s.add_argument("--semantics", required=True)
+    s.add_argument("--masks", required=True)
+    s.add_argument("--out", required=True)
+    s.add_argument("--metrics", required=True)
+    s.add_argument("--plots", required=True)
+
     s = sub.add_parser("evaluate", help="evaluate trained models on source val / target test")
     s.add_argument("--data", required=True)
     s.add_argument("--models", nargs="+", required=True, help="model folders; name = folder name")
@@ -75,6 +104,33 @@ def main(argv: list[str] | None = None) -> int:
             from pipelines import train
 
             train.main(params, args.command, args.data, args.out, args.metrics, args.plots)
+        elif args.command == "semantics":
+            from pipelines import semantics
+
+            semantics.main(params, args.data, args.model, args.out, args.metrics)
+        elif args.command == "init":
+            from pipelines import semantic_init
+
+            semantic_init.main(
+                params, args.data, args.base, args.semantics, args.out, args.metrics, args.plots
+            )
+        elif args.command == "masks":
+            from pipelines import masks
+
+            masks.main(params, args.data, args.semantics, args.out, args.metrics)
+        elif args.command == "adapt":
+            from pipelines import adapt
+
+            adapt.main(
+                params,
+                args.data,
+                args.init,
+                args.semantics,
+                args.masks,
+                args.out,
+                args.metrics,
+                args.plots,
+            )
         elif args.command == "evaluate":
             from pipelines import evaluate
 

@@ -39,6 +39,7 @@ class SplitArrays:
     superpixels: np.ndarray  # (N, H, W) int16, values < num_superpixels
     tokens: np.ndarray  # (N, L) int64, 0 = pad
     lengths: np.ndarray  # (N,) int64
+    true_categories: np.ndarray  # (N,) first referred category, 0 if none (diagnostics only)
 
     def __len__(self) -> int:
         return len(self.sample_ids)
@@ -55,7 +56,7 @@ def load_split(
         DataError: naming the shard and sample id of any bad row.
     """
     images, masks, sps, toks, lens = [], [], [], [], []
-    ids, qtypes, queries = [], [], []
+    ids, qtypes, queries, cats = [], [], [], []
     for path in shard_paths(Path(root), domain, split):
         for row in read_shards([path], LOAD_COLUMNS).to_pylist():
             dec = decode_sample(row, path)
@@ -68,6 +69,7 @@ def load_split(
             ids.append(row["sample_id"])
             qtypes.append(row["query_type"])
             queries.append(row["query"])
+            cats.append((row["target_categories"] or [0])[0])
     return SplitArrays(
         sample_ids=ids,
         query_types=qtypes,
@@ -77,6 +79,7 @@ def load_split(
         superpixels=np.stack(sps),
         tokens=np.stack(toks),
         lengths=np.asarray(lens, dtype=np.int64),
+        true_categories=np.asarray(cats, dtype=np.int64),
     )
 
 

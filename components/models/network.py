@@ -44,7 +44,9 @@ class QuerySegNet(nn.Module):
             words: (B, N, E) word embeddings W; query: (B, N, C) encoded Q;
             word_mask: (B, N); alphas: finest-first list of (B, H_i*W_i, N);
             alpha: the deepest level's attention; features: (B, C_last, h, w) last encoder layer;
-            fused: finest-first list of decoder inputs (B, C, H_i, W_i).
+            enhanced: finest-first interaction outputs F_i (B, C, H_i, W_i), the input of any
+            decoder (SDA's auxiliary decoder reads them); fused: the main decoder's inputs
+            after its top-down path.
         """
         feats = self.visual(image)[-self.scales :]
         words, q = self.query(tokens, lengths)
@@ -67,6 +69,7 @@ class QuerySegNet(nn.Module):
             "alphas": alphas,
             "alpha": alphas[-1],
             "features": feats[-1],
+            "enhanced": fs,
             "fused": fused,
         }
 

@@ -14,8 +14,11 @@ Choices where the paper is silent or inconsistent (all "assumed"):
 * Eq. 1 is written with ``1 / (H W)`` but the text says "averaging over all foreground pixels";
   we average over the foreground (the written form makes every weight tiny, so ``tau`` would
   barely sharpen anything). Padded words are excluded everywhere; ``1/N`` uses real words.
-* Eq. 2 uses raw dot products of H and the prototypes (cluster means of raw H), as written;
-  clustering itself runs on L2-normalised H (cosine geometry, see ``clustering.py``).
+* Eq. 2 is computed on L2-normalised H and prototypes divided by a temperature
+  (``semantics.similarity_temperature``, 0.05): raw dot products make the distribution's
+  sharpness depend on the embedding scale (near-uniform for our 64-d learned embeddings, so no
+  target sample would ever fall under the entropy boundary). Clustering also runs on
+  L2-normalised H (cosine geometry, see ``clustering.py``).
 * ``L_si`` compares L2-normalised pixel features with L2-normalised prototypes divided by a
   temperature (0.1), prototypes being an EMA (0.9) of per-category foreground means.
 """
@@ -102,9 +105,19 @@ def predictor_loss(pred: torch.Tensor, target: torch.Tensor, kind: str = "l1") -
 
 
 # --------------------------------------------------------------------------- Eq. 2
-def similarity_distribution(h: np.ndarray, prototypes: np.ndarray) -> np.ndarray:
-    """Eq. 2: softmax over source prototypes of ``H_i^T C_j``; (M, E), (k_s, E) -> (M, k_s)."""
-    logits = h @ prototypes.T
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / np.clip(np.linalg.norm(x, axis=1, keepdims=True), 1e-12, None)
+
+
+def similarity_distribution(
+    h: np.ndarray, prototypes: np.ndarray, temperature: float = 0.05
+) -> np.ndarray:
+    """Eq. 2: softmax over source prototypes of ``cos(H_i, C_j) / temperature``.
+
+    Args:
+        h: (M, E) target contents; prototypes: (k_s, E). Returns (M, k_s).
+    """
+    logits = _unit(h) @ _unit(prototypes).T / temperature
     logits -= logits.max(1, keepdims=True)
     e = np.exp(logits)
     return e / e.sum(1, keepdims=True)
@@ -115,7 +128,11 @@ def entropy(d: np.ndarray) -> np.ndarray:
 
 
 def assign_target(
-    h_t: np.ndarray, prototypes: np.ndarray, beta: float, use_boundary: bool = True
+    h_t: np.ndarray,
+    prototypes: np.ndarray,
+    beta: float,
+    use_boundary: bool = True,
+    temperature: float = 0.05,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Nearest source category and reliability of each target sample.
 
@@ -124,7 +141,7 @@ def assign_target(
         ``H(d) < beta * log(k_s)``; with one source category every sample is reliable (the
         entropy is 0 and so is the boundary), and without the boundary (ablation) all are.
     """
-    d = similarity_distribution(h_t, prototypes)
+    d = similarity_distribution(h_t, prototypes, temperature)
     ent = entropy(d)
     k_s = prototypes.shape[0]
     if not use_boundary or k_s == 1:

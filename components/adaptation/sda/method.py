@@ -1,0 +1,196 @@
+"""SDA stage 3: Dual Adaptive Branches, ``L_sda = L_ct + lambda1 L_cfb + lambda2 L_ho`` (Eq. 7).
+
+One training step sees a labeled source batch and an unlabeled target batch. The student is
+the base network plus an auxiliary decoder (RRB) and an MI discriminator; the mean teacher is
+an EMA copy of the base network that supplies the domain-based target pseudo masks and the
+features stored in the memory bank. Every ablation row of Tables 3 and 5 is a switch of
+:class:`~components.config.AdaptConfig`.
+
+Conventions (assumed): contrast and hierarchical optimisation run on feature-map cells; a cell
+is foreground / background when more than half of its pixels are. Only *common* categories take
+part in the contrast (source categories, and reliable target samples assigned to them);
+unknown target categories and zero-target source samples only provide background pixels.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from components.adaptation.sda.cfb import (
+    MemoryBank,
+    ema_update,
+    info_nce,
+    masked_mean,
+    pixel_features,
+    pseudo_masks,
+)
+from components.adaptation.sda.rrb import (
+    MIDiscriminator,
+    hierarchical_loss_source,
+    hierarchical_loss_target,
+)
+from components.config import AdaptConfig
+from components.losses import multiscale_bce
+from components.models.decoder import MultiScaleDecoder
+from components.models.network import QuerySegNet
+
+
+def cells(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(B, H, W) bool/float mask -> (B, h, w) bool: cells more than half covered."""
+    return F.adaptive_avg_pool2d(mask.float().unsqueeze(1), size)[:, 0] > 0.5
+
+
+def sentence(out: dict) -> torch.Tensor:
+    """Mean encoded query over real words (B, C): the ``Q`` side of Eq. 6."""
+    m = out["word_mask"].unsqueeze(-1).float()
+    return (out["query"] * m).sum(1) / m.sum(1).clamp_min(1)
+
+
+class SDA(nn.Module):
+    """Trainable parts: ``student`` (the base network), ``aux`` decoder, ``phi``."""
+
+    def __init__(self, base: QuerySegNet, cfg: AdaptConfig, hidden: int, scales: int):
+        super().__init__()
+        self.cfg = cfg
+        self.student = base
+        self.aux = MultiScaleDecoder(hidden, scales)
+        self.phi = MIDiscriminator(hidden, hidden)
+        self.teacher = copy.deepcopy(base).requires_grad_(False)
+        self.bank = MemoryBank(cfg.memory_size)
+
+    def trainable(self):
+        return [p for n, p in self.named_parameters() if not n.startswith("teacher.")]
+
+    def forward_base(self, net, batch):
+        return net(batch["image"], batch["tokens"], batch["lengths"], batch["superpixels"])
+
+    def loss(self, src: dict, tgt: dict, src_cat, tgt_cat, tgt_common, common_set, gen=None):
+        """One step's loss and its parts.
+
+        Args:
+            src: source batch (with ``mask`` = A^s); tgt: target batch whose ``mask`` holds the
+                semantic-based masks A-bar^t (never target ground truth);
+            src_cat / tgt_cat: (B,) categories; tgt_common: (B,) reliable target samples;
+            common_set: (k_s,) bool, the source categories that have reliable target samples.
+        """
+        cfg = self.cfg
+        out_s, out_t = self.forward_base(self.student, src), self.forward_base(self.student, tgt)
+        self.teacher.eval()
+        with torch.no_grad():
+            tch_s, tch_t = (
+                self.forward_base(self.teacher, src),
+                self.forward_base(self.teacher, tgt),
+            )
+        logs: dict[str, float] = {}
+
+        # Eq. 5: main decoder on source annotations, auxiliary decoder on target masks
+        loss_ct = multiscale_bce(out_s["logits"], out_s["full_logits"], src["mask"])
+        fg_t, bg_t = pseudo_masks(tch_t["response"], cfg.gamma_max, cfg.gamma_min)  # A^t
+        if cfg.rrb and cfg.ct:
+            aux_mask = tgt["mask"] if cfg.reciprocal_masks else fg_t.float()
+            aux_logits, _ = self.aux(out_t["enhanced"])
+            aux_full = F.interpolate(aux_logits[0], size=aux_mask.shape[-2:], mode="bilinear")
+            loss_aux = multiscale_bce(aux_logits, aux_full[:, 0], aux_mask)
+            loss_ct = loss_ct + loss_aux
+            logs["l_aux"] = loss_aux.item()
+        total = loss_ct
+        logs["l_ct"] = loss_ct.item()
+
+        if cfg.cfb:
+            loss_cfb, parts = self._cfb(
+                out_s,
+                out_t,
+                tch_s,
+                tch_t,
+                src,
+                fg_t,
+                bg_t,
+                src_cat,
+                tgt_cat,
+                tgt_common,
+                common_set,
+                gen,
+            )
+            total = total + cfg.lambda1 * loss_cfb
+            logs.update(parts)
+
+        if cfg.rrb and cfg.ho:
+            f_s, f_t = out_s["fused"][0], out_t["fused"][0]
+            size = f_s.shape[-2:]
+            loss_ho = hierarchical_loss_source(
+                self.phi, sentence(out_s), f_s, cells(src["mask"], size)
+            )
+            loss_ho = loss_ho + hierarchical_loss_target(
+                self.phi, sentence(out_t), f_t, cells(fg_t, size), cells(tgt["mask"], size)
+            )
+            total = total + cfg.lambda2 * loss_ho
+            logs["l_ho"] = loss_ho.item()
+        return total, logs
+
+    def _cfb(
+        self,
+        out_s,
+        out_t,
+        tch_s,
+        tch_t,
+        src,
+        fg_t,
+        bg_t,
+        src_cat,
+        tgt_cat,
+        tgt_common,
+        common_set,
+        gen,
+    ):
+        """Eq. 4 in both directions, with the memory bank; returns (loss, logs)."""
+        cfg = self.cfg
+        size = out_s["features"].shape[-2:]
+        src_fg, src_bg = cells(src["mask"], size), cells(1 - src["mask"], size)
+        tgt_fg, tgt_bg = cells(fg_t, size), cells(bg_t, size)
+        # only common categories carry foreground identity
+        s_ok = (src_cat >= 0) & common_set[src_cat.clamp_min(0)]
+        t_ok = tgt_common & (tgt_cat < len(common_set))
+        src_fg_c = src_fg & s_ok.view(-1, 1, 1)
+        tgt_fg_c = tgt_fg & t_ok.view(-1, 1, 1)
+        logs = {"pseudo_fg_cells": float(tgt_fg.sum()), "empty_pseudo": float(not tgt_fg.any())}
+
+        def keys(feats, fg, bg, cat, domain):
+            kf, ki = pixel_features(feats, fg, cfg.pixels, gen)
+            bf, _ = pixel_features(feats, bg, cfg.pixels, gen)
+            k = [kf, bf]
+            c = [cat[ki], torch.full((len(bf),), -1, device=bf.device, dtype=torch.long)]
+            if cfg.memory:
+                mf, mc = self.bank.get(domain, bf.device)
+                if len(mf):
+                    k.append(mf)
+                    c.append(mc)
+            return torch.cat(k), torch.cat(c)
+
+        a_s, ai_s = pixel_features(out_s["features"], src_fg_c, cfg.pixels, gen)
+        k_t, kc_t = keys(tch_t["features"], tgt_fg_c, tgt_bg, tgt_cat, "target")
+        l_st, n_st = info_nce(
+            a_s, src_cat[ai_s], k_t, kc_t, cfg.contrast_temperature, cfg.contrastive
+        )
+        a_t, ai_t = pixel_features(out_t["features"], tgt_fg_c, cfg.pixels, gen)
+        k_s, kc_s = keys(tch_s["features"], src_fg_c, src_bg, src_cat, "source")
+        l_ts, n_ts = info_nce(
+            a_t, tgt_cat[ai_t], k_s, kc_s, cfg.contrast_temperature, cfg.contrastive
+        )
+        if cfg.memory:  # teacher features: stable entries
+            for feats, fg, cat, ok, domain in (
+                (tch_s["features"], src_fg_c, src_cat, s_ok, "source"),
+                (tch_t["features"], tgt_fg_c, tgt_cat, t_ok, "target"),
+            ):
+                mean, nonempty = masked_mean(feats, fg)
+                keep = nonempty & ok
+                self.bank.push(domain, F.normalize(mean[keep], dim=1), cat[keep])
+        logs.update({"l_cfb": (l_st + l_ts).item(), "anchors_st": n_st, "anchors_ts": n_ts})
+        return l_st + l_ts, logs
+
+    @torch.no_grad()
+    def update_teacher(self) -> None:
+        ema_update(self.teacher, self.student, self.cfg.ema)

@@ -1,0 +1,202 @@
+"""Stage ``adapt``: SDA stage 3 through Ray Train (Section 3.3; the method in ``adapt.method``).
+
+Starts from the ``init`` model; each step draws a source batch (with annotations) and a target
+batch whose masks are the semantic-based masks of the ``masks`` stage (target ground truth is
+never read, except by the per-epoch validation on the labeled target val split, which is
+reporting only: Fig. 4's curve). Writes the adapted main network like any other model, so
+``evaluate`` treats it as one more model.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import ray
+import torch
+
+from components.adaptation import METHODS
+from components.config import AdaptConfig, ModelConfig, Params
+from components.data.dataset import iterate_batches, load_split, to_batch
+from components.data.schema import shard_paths
+from components.data.vocab import Vocab
+from components.io import atomic_path
+from components.models.network import build_model, load_trained, save_trained
+from components.runtime import init_ray
+from components.tracking import stage_run
+from components.training import evaluate, make_optimizer
+from pipelines import ray_train
+from pipelines.common import repo_root
+from pipelines.masks import load_masks
+from pipelines.semantics import load_labels
+from pipelines.train import log_stage, write_history
+
+log = logging.getLogger(__name__)
+
+
+def setup_adapt(config: dict) -> ray_train.Phase:
+    import ray.train
+    import ray.train.torch
+
+    cfg = AdaptConfig.model_validate(config["train"])
+    mcfg = ModelConfig.model_validate(config["model"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    src, tgt, val = (ray.get(config[k]) for k in ("source_ref", "target_ref", "val_ref"))
+    src_cat = torch.from_numpy(config["source_categories"])
+    tgt_cat = torch.from_numpy(config["target_categories"])
+    tgt_common = torch.from_numpy(config["target_common"])
+    k_s = int(src_cat.max()) + 1
+    common_set = torch.zeros(k_s, dtype=torch.bool)
+    common_set[tgt_cat[tgt_common & (tgt_cat < k_s)].unique()] = True
+    device = ray.train.torch.get_device()
+    base = build_model(mcfg, config["vocab_size"])
+    base.load_state_dict(config["init_state"])
+    method = METHODS[cfg.method](base, cfg, mcfg.hidden, mcfg.scales).to(device)
+    s_idx, t_idx = np.arange(rank, len(src), world), np.arange(rank, len(tgt), world)
+    steps = math.ceil(min(len(s_idx), len(t_idx)) / cfg.batch_size)
+    opt, sched = make_optimizer(method.trainable(), cfg, steps * cfg.epochs)
+    gen = torch.Generator().manual_seed(config["seed"])
+
+    def run_epoch(epoch: int, tick) -> dict:
+        method.train()
+        rng = np.random.default_rng((config["seed"], rank, epoch))
+        t_order = rng.permutation(t_idx)
+        sums: dict[str, float] = {}
+        n = 0
+        for i, bidx in enumerate(iterate_batches(len(s_idx), cfg.batch_size, True, rng)):
+            if i >= steps:
+                break
+            rows_s = s_idx[bidx]
+            rows_t = t_order[i * cfg.batch_size : (i + 1) * cfg.batch_size]
+            sb, tb = to_batch(src, rows_s, device), to_batch(tgt, rows_t, device)
+            loss, logs = method.loss(
+                sb,
+                tb,
+                src_cat[rows_s].to(device),
+                tgt_cat[rows_t].to(device),
+                tgt_common[rows_t].to(device),
+                common_set.to(device),
+                gen,
+            )
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"non-finite adaptation loss {loss.item()}: {logs}")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            method.update_teacher()
+            for k, v in {"loss": loss.item(), **logs}.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+            n += 1
+            if tick:
+                tick()
+        row = {k: v / max(1, n) for k, v in sums.items() if k != "empty_pseudo"}
+        row["empty_pseudo_batches"] = sums.get("empty_pseudo", 0.0)
+        if row["empty_pseudo_batches"]:
+            print(
+                f"warning: {int(row['empty_pseudo_batches'])} target batches had no pseudo "
+                f"foreground above gamma_max={cfg.gamma_max}; their contrast was skipped"
+            )
+        return row
+
+    def validate() -> dict:
+        m = evaluate(method.student, val, 64, device, mcfg.empty_threshold)
+        return {f"val_{k}": m[k] for k in ("oiou", "miou", "map")}
+
+    return ray_train.Phase(
+        epochs=cfg.epochs,
+        modules={"method": method},
+        optimizers={"optimizer": opt, "scheduler": sched},
+        train_epoch=run_epoch,
+        validate=validate,
+        steps_per_epoch=steps,
+    )
+
+
+def run(
+    params: Params, data_dir: Path, init: Path, semantics: Path, masks: Path, out: Path
+) -> list[dict]:
+    mcfg, cfg = params.model, params.adapt
+    vocab = Vocab.load(data_dir / "vocab.json")
+    args = (vocab, mcfg.max_words, mcfg.num_superpixels)
+    source = load_split(data_dir, "source", "train", *args)
+    target = load_split(data_dir, "target", "train", *args)
+    val = load_split(data_dir, "target", "val", *args)
+    # the target ground truth is replaced by the semantic-based masks before anything trains
+    target = replace(target, masks=load_masks(masks, target))
+    src_cat, _ = load_labels(semantics, source)
+    tgt_cat, tgt_common = load_labels(semantics, target)
+    model, _ = load_trained(init)
+    init_ray(params.runtime)
+    state = ray_train.fit(
+        params,
+        "adapt",
+        cfg,
+        setup_adapt,
+        {
+            "train": cfg.model_dump(mode="json"),
+            "model": mcfg.model_dump(mode="json"),
+            "vocab_size": len(vocab),
+            "init_state": model.state_dict(),
+            "source_categories": src_cat,
+            "target_categories": tgt_cat,
+            "target_common": tgt_common,
+            "source_ref": ray.put(source),
+            "target_ref": ray.put(target),
+            "val_ref": ray.put(val),
+        },
+        inputs=[
+            *shard_paths(data_dir, "source", "train"),
+            init / "model.pt",
+            semantics / "labels.parquet",
+            masks / "semantic_masks.parquet",
+        ],
+    )
+    prefix = "student."
+    student = {
+        k[len(prefix) :]: v for k, v in state["modules"]["method"].items() if k.startswith(prefix)
+    }
+    model.load_state_dict(student)
+    history = state["history"]
+    with atomic_path(out, is_dir=True) as tmp:
+        save_trained(
+            tmp,
+            model,
+            mcfg,
+            len(vocab),
+            {"phase": "adapt", "method": cfg.method, "seed": params.seed},
+        )
+        write_history(history, tmp / "history.csv")
+    ray_train.finish(state)
+    return history
+
+
+def main(
+    params: Params,
+    data: str,
+    init: str,
+    semantics: str,
+    masks: str,
+    out: str,
+    metrics: str,
+    plots: str,
+) -> None:
+    used = {
+        "seed": params.seed,
+        "model": params.model.model_dump(mode="json"),
+        "adapt": params.adapt.model_dump(mode="json"),
+    }
+    with stage_run("adapt", params.runtime, used, repo_root()):
+        history = run(params, Path(data), Path(init), Path(semantics), Path(masks), Path(out))
+        log_stage(
+            "adapt",
+            history,
+            metrics,
+            plots,
+            out,
+            f"adapt ({params.adapt.method}, target val per epoch)",
+        )

@@ -1,0 +1,161 @@
+"""Stage ``masks``: semantic-based target masks (SDA Section 3.3.2, Appendix B.2).
+
+Trains the independent multi-label classifier on target training images with the target
+semantic categories (Eq. 12) through Ray Train, then turns each sample's class activation map
+into a mask (``components.adaptation.sda.cam``). Target ground truth is read only to report
+the masks' IoU as a diagnostic, never for training.
+
+Outputs: ``--out/semantic_masks.parquet`` (sample_id, category, mask_rle),
+``--out/classifier.pt``; ``--metrics``: the diagnostic IoU and the classifier's last loss.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import ray
+import torch
+
+from components.adaptation.sda.cam import (
+    MultiLabelClassifier,
+    category_cam,
+    multilabel_loss,
+    superpixel_refine,
+)
+from components.config import MasksConfig, Params
+from components.data.dataset import SplitArrays, iterate_batches, load_split, to_batch
+from components.data.schema import encode_rle, shard_paths
+from components.data.vocab import Vocab
+from components.io import atomic_path, write_json
+from components.metrics import referring_metrics
+from components.models.network import _unwrap
+from components.runtime import init_ray
+from components.tracking import log_history, stage_run
+from components.training import make_optimizer
+from pipelines import ray_train
+from pipelines.common import repo_root
+from pipelines.semantics import load_labels
+
+
+def setup_classifier(config: dict) -> ray_train.Phase:
+    import ray.train
+    import ray.train.torch
+
+    tcfg = MasksConfig.model_validate(config["train"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    data: SplitArrays = ray.get(config["data_ref"])
+    classes = torch.from_numpy(config["classes"])
+    k = int(classes.max()) + 1
+    device = ray.train.torch.get_device()
+    model = ray.train.torch.prepare_model(MultiLabelClassifier(k, tcfg.widths))
+    indices = np.arange(rank, len(data), world)
+    steps = math.ceil(len(indices) / tcfg.batch_size)
+    opt, sched = make_optimizer(model, tcfg, steps * tcfg.epochs)
+
+    def run_epoch(epoch: int, tick) -> dict:
+        model.train()
+        rng = np.random.default_rng((config["seed"], rank, epoch))
+        total, correct, count = 0.0, 0, 0
+        for bidx in iterate_batches(len(indices), tcfg.batch_size, shuffle=True, rng=rng):
+            rows = indices[bidx]
+            image = to_batch(data, rows, device)["image"]
+            labels = torch.nn.functional.one_hot(classes[rows], k).float().to(device)
+            logits, _ = model(image)
+            loss = multilabel_loss(logits, labels)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            total += loss.item() * len(rows)
+            correct += int((logits.argmax(1).cpu() == classes[rows]).sum())
+            count += len(rows)
+            if tick:
+                tick()
+        return {"loss": total / count, "train_top1": correct / count}
+
+    return ray_train.Phase(
+        epochs=tcfg.epochs,
+        modules={"classifier": model},
+        optimizers={"optimizer": opt, "scheduler": sched},
+        train_epoch=run_epoch,
+        validate=dict,
+        steps_per_epoch=steps,
+    )
+
+
+@torch.no_grad()
+def semantic_masks(model, data: SplitArrays, classes: np.ndarray, fg_threshold: float):
+    """CAM of each sample's category, refined over its superpixels -> (N, H, W) bool."""
+    model.eval()
+    out = []
+    for idx in iterate_batches(len(data), 64, shuffle=False):
+        batch = to_batch(data, idx, torch.device("cpu"))
+        _, cams = model(batch["image"])
+        cam = category_cam(cams, torch.from_numpy(classes[idx]), batch["image"].shape[-2:])
+        out.append(superpixel_refine(cam, batch["superpixels"], fg_threshold).numpy())
+    return np.concatenate(out)
+
+
+def run(params: Params, data_dir: Path, semantics: Path, out: Path) -> tuple[dict, list]:
+    mcfg, tcfg = params.model, params.masks
+    vocab = Vocab.load(data_dir / "vocab.json")
+    target = load_split(data_dir, "target", "train", vocab, mcfg.max_words, mcfg.num_superpixels)
+    cats, _ = load_labels(semantics, target)
+    # contiguous class ids over the k_t + k_u target categories
+    _, classes = np.unique(cats, return_inverse=True)
+    classes = classes.astype(np.int64)
+    init_ray(params.runtime)
+    state = ray_train.fit(
+        params,
+        "masks",
+        tcfg,
+        setup_classifier,
+        {"train": tcfg.model_dump(mode="json"), "classes": classes, "data_ref": ray.put(target)},
+        inputs=[*shard_paths(data_dir, "target", "train"), semantics / "labels.parquet"],
+    )
+    model = MultiLabelClassifier(int(classes.max()) + 1, tcfg.widths)
+    _unwrap(model).load_state_dict(state["modules"]["classifier"])
+    masks = semantic_masks(model, target, classes, tcfg.fg_threshold)
+    quality = referring_metrics(list(masks), list(target.masks))
+    diag = {
+        "n_classes": int(classes.max()) + 1,
+        "classifier_loss": state["history"][-1]["loss"],
+        "oiou_vs_gt": quality["oiou"],
+        "miou_vs_gt": quality["miou"],
+        "mask_area": float(masks.mean()),
+    }
+    table = pd.DataFrame(
+        {
+            "sample_id": target.sample_ids,
+            "category": cats,
+            "mask_rle": [encode_rle(m) for m in masks],
+        }
+    )
+    with atomic_path(out, is_dir=True) as tmp:
+        table.to_parquet(tmp / "semantic_masks.parquet", index=False)
+        torch.save(model.state_dict(), tmp / "classifier.pt")
+    ray_train.finish(state)
+    return diag, state["history"]
+
+
+def load_masks(folder: str | Path, data: SplitArrays) -> np.ndarray:
+    """Semantic-based masks (N, H, W) aligned with ``data`` by sample id."""
+    from components.data.schema import decode_rle
+
+    table = pd.read_parquet(Path(folder) / "semantic_masks.parquet").set_index("sample_id")
+    rows = table.loc[data.sample_ids, "mask_rle"]
+    return np.stack([decode_rle(r) for r in rows])
+
+
+def main(params: Params, data: str, semantics: str, out: str, metrics: str) -> None:
+    used = {"seed": params.seed, "masks": params.masks.model_dump(mode="json")}
+    with stage_run("masks", params.runtime, used, repo_root()):
+        diag, history = run(params, Path(data), Path(semantics), Path(out))
+        log_history(history)
+        write_json(metrics, diag)
+        mlflow.log_metrics({k: float(v) for k, v in diag.items()})

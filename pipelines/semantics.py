@@ -1,0 +1,93 @@
+"""Stage ``semantics``: Content-aware Semantic Modeling from the stage-1 model (SDA Section 3.2).
+
+Runs as one Ray task (local cores or a cluster node). Outputs (under ``--out``):
+``labels.parquet`` (sample_id, domain, category, entropy, common), ``prototypes.npy`` (the
+source content prototypes C^s), ``predictor.pt`` (the word-importance MLP state_dict) and,
+to ``--metrics``, k_s / k_t / k_u with purity and NMI against the benchmark's true categories
+(a diagnostic: never used for training).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import ray
+import torch
+
+from components.adaptation.sda import semantics as sem
+from components.config import Params
+from components.data.dataset import SplitArrays, load_split
+from components.data.vocab import Vocab
+from components.io import atomic_path, write_json
+from components.models.network import load_trained
+from components.runtime import init_ray
+from components.tracking import stage_run
+from pipelines.common import repo_root
+
+log = logging.getLogger(__name__)
+
+
+@ray.remote(num_cpus=1)
+def _semantics_task(model, source: SplitArrays, target: SplitArrays, params: Params):
+    torch.set_num_threads(int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1)))
+    thr = params.model.empty_threshold
+    src = sem.extract(model, source, 64, torch.device("cpu"), thr)
+    tgt = sem.extract(model, target, 64, torch.device("cpu"), thr)
+    res = sem.build(src, tgt, params.semantics, params.seed)
+    return res, sem.diagnostics(res, source.true_categories, target.true_categories)
+
+
+def run(params: Params, data_dir: Path, model_dir: Path, out: Path) -> dict:
+    mcfg = params.model
+    vocab = Vocab.load(data_dir / "vocab.json")
+    source = load_split(data_dir, "source", "train", vocab, mcfg.max_words, mcfg.num_superpixels)
+    target = load_split(data_dir, "target", "train", vocab, mcfg.max_words, mcfg.num_superpixels)
+    model, _ = load_trained(model_dir)
+    init_ray(params.runtime)
+    cpus = max(1, int(ray.available_resources().get("CPU", 1)))
+    res, diag = ray.get(
+        _semantics_task.options(num_cpus=cpus).remote(model, source, target, params)
+    )
+    labels = pd.DataFrame(
+        {
+            "sample_id": source.sample_ids + target.sample_ids,
+            "domain": ["source"] * len(source) + ["target"] * len(target),
+            "category": np.concatenate([res.labels_s, res.labels_t]),
+            "entropy": np.concatenate([np.zeros(len(source)), res.entropy_t]),
+            "common": np.concatenate([np.ones(len(source), bool), res.reliable_t]),
+        }
+    )
+    with atomic_path(out, is_dir=True) as tmp:
+        labels.to_parquet(tmp / "labels.parquet", index=False)
+        np.save(tmp / "prototypes.npy", res.prototypes)
+        if res.predictor is not None:
+            torch.save(res.predictor.state_dict(), tmp / "predictor.pt")
+    if res.predictor_losses:
+        diag["predictor_loss"] = res.predictor_losses[-1]
+    return diag
+
+
+def load_labels(folder: str | Path, data: SplitArrays) -> tuple[np.ndarray, np.ndarray]:
+    """Category (N,) and common flag (N,) aligned with ``data`` by sample id."""
+    table = pd.read_parquet(Path(folder) / "labels.parquet").set_index("sample_id")
+    missing = [s for s in data.sample_ids if s not in table.index]
+    if missing:
+        raise ValueError(f"{folder}/labels.parquet: no category for sample {missing[0]}")
+    rows = table.loc[data.sample_ids]
+    return rows["category"].to_numpy(np.int64), rows["common"].to_numpy(bool)
+
+
+def main(params: Params, data: str, model: str, out: str, metrics: str) -> None:
+    used = {"seed": params.seed, "semantics": params.semantics.model_dump(mode="json")}
+    with stage_run("semantics", params.runtime, used, repo_root()):
+        diag = run(params, Path(data), Path(model), Path(out))
+        write_json(metrics, diag)
+        mlflow.log_metrics({k: float(v) for k, v in diag.items()})
+        for key in ("k_s", "k_t", "k_u"):
+            if diag[key] <= 1 and key != "k_u":
+                mlflow.set_tag(f"adaseg.warning.{key}", "single category")
+    log.info("semantics: %s", {k: round(float(v), 3) for k, v in diag.items()})

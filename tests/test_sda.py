@@ -1,0 +1,269 @@
+"""SDA's equations on hand-built inputs whose answers are known."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import adjusted_rand_score
+
+from components.adaptation.sda import csm
+from components.adaptation.sda.cam import superpixel_refine
+from components.adaptation.sda.cfb import MemoryBank, ema_update, info_nce, pseudo_masks
+from components.adaptation.sda.clustering import agglomerative, cluster_contents, prototypes
+from components.adaptation.sda.method import SDA
+from components.adaptation.sda.rrb import MIDiscriminator, mutual_information
+from components.adaptation.sda.semantics import Extracted, build
+from components.config import AdaptConfig, ModelConfig, SemanticsConfig
+from components.models.network import build_model
+
+
+# --------------------------------------------------------------------------- Eq. 1
+def test_visual_guided_weights_and_content_by_hand():
+    # 2 pixels x 3 words (last one padding); only pixel 0 is foreground
+    alpha = torch.tensor([[[0.8, 0.2, 0.0], [0.1, 0.9, 0.0]]])
+    fg = torch.tensor([[1.0, 0.0]])
+    mask = torch.tensor([[True, True, False]])
+    bar = csm.visual_guided_weights(alpha, fg, mask)
+    assert bar[0].tolist() == pytest.approx([0.8, 0.2, 0.0])
+    words = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [5.0, 5.0]]])
+    h = csm.content_features(bar, words, mask, tau=0.2)
+    # softmax([4, 1]) = [e^3 / (e^3 + 1), 1 / (e^3 + 1)], then 1/N with N = 2 real words
+    w0 = math.exp(3) / (math.exp(3) + 1)
+    assert h[0].tolist() == pytest.approx([w0 / 2, (1 - w0) / 2], abs=1e-6)
+    # no foreground at all: uniform over the real words
+    uniform = csm.visual_guided_weights(alpha, torch.zeros(1, 2), mask)
+    assert uniform[0].tolist() == pytest.approx([0.5, 0.5, 0.0])
+
+
+def test_temperature_sharpens():
+    bar = torch.tensor([[0.6, 0.4]])
+    words = torch.eye(2).unsqueeze(0)
+    mask = torch.ones(1, 2, dtype=torch.bool)
+    soft = csm.content_features(bar, words, mask, tau=1.0)
+    sharp = csm.content_features(bar, words, mask, tau=0.05)
+    assert sharp[0, 0] > soft[0, 0] and sharp[0, 0] == pytest.approx(0.5, abs=0.01)
+
+
+def test_predictor_learns_word_importance():
+    torch.manual_seed(0)
+    words = torch.randn(64, 4, 8)
+    mask = torch.ones(64, 4, dtype=torch.bool)
+    target = torch.softmax(words[..., 0] * 3, -1)  # importance = first embedding dimension
+    pred = csm.WordImportancePredictor(8)
+    opt = torch.optim.Adam(pred.parameters(), lr=1e-2)
+    first = csm.predictor_loss(pred(words, mask), target).item()
+    for _ in range(200):
+        loss = csm.predictor_loss(pred(words, mask), target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.2 * first
+
+
+# --------------------------------------------------------------------------- Eq. 2
+def test_target_assignment_with_known_entropy():
+    protos = np.array([[1.0, 0.0], [0.0, 1.0]])
+    h = np.array([[1.0, 0.0], [1.0, 1.0]])  # one sure, one exactly in between
+    nearest, ent, reliable = csm.assign_target(h, protos, beta=0.5, temperature=0.05)
+    assert nearest[0] == 0
+    assert ent[1] == pytest.approx(math.log(2))  # uniform over 2 categories
+    assert ent[0] < 1e-6
+    assert reliable.tolist() == [True, False]  # boundary = 0.5 * log 2
+    assert csm.assign_target(h, protos, 0.5, use_boundary=False)[2].all()
+    # a single source category: entropy 0, everything reliable, no NaN
+    _, ent1, rel1 = csm.assign_target(h, protos[:1], 0.5)
+    assert np.isfinite(ent1).all() and rel1.all()
+
+
+# --------------------------------------------------------------------------- Eq. 3
+def test_semantic_init_loss_on_separable_prototypes():
+    bank = csm.PrototypeBank(2, 2, momentum=1.0)  # prototypes frozen once seen
+    feats = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9]])
+    good = csm.semantic_init_loss(feats, torch.tensor([0, 0, 1, 1]), bank, temperature=0.1)
+    assert good.item() < 0.01
+    swapped = csm.semantic_init_loss(feats, torch.tensor([1, 1, 0, 0]), bank, temperature=0.1)
+    assert swapped.item() > 5.0  # every pixel is closest to the other category's prototype
+
+
+def test_semantic_init_loss_single_category_is_zero_not_nan():
+    bank = csm.PrototypeBank(3, 2)
+    feats = torch.randn(5, 2, requires_grad=True)
+    loss = csm.semantic_init_loss(feats, torch.zeros(5, dtype=torch.long), bank)
+    assert loss.item() == 0.0 and loss.requires_grad
+
+
+# --------------------------------------------------------------------------- clustering
+def test_scalable_clustering_matches_plain_agglomerative_on_small_data():
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(5, 16))
+    x = np.concatenate([c + 0.05 * rng.normal(size=(20, 16)) for c in centres])
+    x = np.concatenate([x, x[:30]])  # exact duplicates, as repeated queries give
+    plain = agglomerative(x / np.linalg.norm(x, axis=1, keepdims=True), 0.5)
+    ours = cluster_contents(x, 0.5)
+    assert adjusted_rand_score(plain, ours) == 1.0
+    assert len(set(ours)) == 5
+
+
+def test_pre_clustering_path_stays_close_to_exact():
+    rng = np.random.default_rng(1)
+    centres = rng.normal(size=(6, 8))
+    x = np.concatenate([c + 0.05 * rng.normal(size=(300, 8)) for c in centres])
+    exact = cluster_contents(x, 0.15, max_exact=10_000)
+    approx = cluster_contents(x, 0.15, max_exact=200)  # forces MiniBatchKMeans pre-clustering
+    assert adjusted_rand_score(exact, approx) > 0.95
+    assert prototypes(x, approx).shape == (len(set(approx)), 8)
+
+
+def test_other_clustering_algorithms_and_errors():
+    x = np.random.default_rng(2).normal(size=(40, 4))
+    assert len(set(cluster_contents(x, 0.5, "kmeans", n_clusters=3))) == 3
+    assert len(set(cluster_contents(x, 0.5, "spectral", n_clusters=3))) == 3
+    with pytest.raises(ValueError, match="needs n_clusters"):
+        cluster_contents(x, 0.5, "kmeans")
+    with pytest.raises(ValueError, match="unknown clustering"):
+        cluster_contents(x, 0.5, "dbscan")
+
+
+def _extracted(n, seed):
+    g = np.random.default_rng(seed)
+    words = g.normal(size=(n, 3, 4)).astype(np.float32)
+    return Extracted(
+        words=words,
+        query=words,
+        word_mask=np.ones((n, 3), bool),
+        weights_gt=np.full((n, 3), 1 / 3, np.float32),
+        weights_pred=np.full((n, 3), 1 / 3, np.float32),
+        visual_gt=words[:, 0],
+        visual_pred=words[:, 0],
+    )
+
+
+def test_semantic_construction_edge_cases():
+    src, tgt = _extracted(30, 0), _extracted(20, 1)
+    # a threshold so large that the source is one category: handled, target all common
+    one = build(src, tgt, SemanticsConfig(distance_threshold=2.0, predictor=False), 0)
+    assert one.k_s == 1 and one.reliable_t.all() and one.k_u == 0
+    # CSM off: a single category everywhere
+    off = build(src, tgt, SemanticsConfig(enabled=False), 0)
+    assert set(off.labels_t) == {0} and off.k_t == 1
+    # an impossibly strict boundary: no reliable sample, all become unknown categories
+    none = build(src, tgt, SemanticsConfig(beta=1e-9, distance_threshold=0.3), 0)
+    assert not none.reliable_t.any() and (none.labels_t >= none.k_s).all() and none.k_t == 0
+
+
+# --------------------------------------------------------------------------- Eq. 4
+def test_info_nce_with_one_perfect_positive():
+    anchors = torch.tensor([[1.0, 0.0]])
+    keys = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    loss, n = info_nce(anchors, torch.tensor([3]), keys, torch.tensor([3, -1]), temperature=1.0)
+    assert n == 1
+    assert loss.item() == pytest.approx(math.log(1 + math.exp(-1)))
+    sharp, _ = info_nce(anchors, torch.tensor([3]), keys, torch.tensor([3, -1]), 0.01)
+    assert sharp.item() < 1e-6
+
+
+def test_info_nce_without_positive_is_skipped_not_nan():
+    anchors = torch.randn(4, 2, requires_grad=True)
+    loss, n = info_nce(
+        anchors, torch.tensor([0, 0, 1, 1]), torch.randn(3, 2), torch.tensor([5, -1, -1]), 0.1
+    )
+    assert n == 0 and loss.item() == 0.0 and loss.requires_grad
+
+
+def test_plain_similarity_ablation():
+    anchors = torch.tensor([[1.0, 0.0]])
+    keys = torch.tensor([[0.0, 1.0], [1.0, 0.0]])
+    loss, _ = info_nce(
+        anchors, torch.tensor([1]), keys, torch.tensor([1, 2]), 0.1, contrastive=False
+    )
+    assert loss.item() == pytest.approx(1.0)  # 1 - cos(90 degrees); the negative is ignored
+
+
+def test_memory_bank_is_a_per_category_fifo():
+    bank = MemoryBank(size=2)
+    for i in range(3):
+        bank.push("source", torch.full((1, 2), float(i)), torch.tensor([7]))
+    bank.push("source", torch.ones(1, 2) * 9, torch.tensor([8]))
+    bank.push("target", torch.zeros(1, 2), torch.tensor([7]))
+    feats, cats = bank.get("source")
+    assert cats.tolist() == [7, 7, 8]
+    assert feats[:, 0].tolist() == [1.0, 2.0, 9.0]  # the oldest entry of category 7 left
+    assert len(bank) == 4
+    empty, _ = MemoryBank(3).get("target")
+    assert empty.numel() == 0
+
+
+def test_ema_update():
+    student, teacher = torch.nn.Linear(1, 1, bias=False), torch.nn.Linear(1, 1, bias=False)
+    student.weight.data.fill_(1.0)
+    teacher.weight.data.fill_(0.0)
+    ema_update(teacher, student, momentum=0.99)
+    assert teacher.weight.item() == pytest.approx(0.01)
+
+
+def test_pseudo_masks_thresholds():
+    resp = torch.tensor([[[0.95, 0.5], [0.05, 0.9]]])
+    fg, bg = pseudo_masks(resp, 0.9, 0.1)
+    assert fg.tolist() == [[[True, False], [False, False]]]  # 0.9 is not above gamma_max
+    assert bg.tolist() == [[[False, False], [True, False]]]
+
+
+# --------------------------------------------------------------------------- Eq. 6
+def test_mutual_information_sign():
+    phi = MIDiscriminator(2, 2)
+    with torch.no_grad():
+        phi.bilinear.weight.copy_(torch.eye(2).unsqueeze(0) * 5)
+        phi.bilinear.bias.zero_()
+    a = torch.tensor([[1.0, 0.0]])
+    match, other = torch.tensor([[1.0, 0.0]]), torch.tensor([[-1.0, 0.0]])
+    valid = torch.tensor([True])
+    # the JSD estimate is at most 0 and reaches it when the discriminator separates the pairs
+    right = mutual_information(phi, a, match, other, valid).item()
+    wrong = mutual_information(phi, a, other, match, valid).item()
+    assert -0.02 < right <= 0 and wrong < -9  # so the loss -MI rewards telling them apart
+    zero = mutual_information(phi, a, match, other, torch.tensor([False]))
+    assert zero.item() == 0.0
+
+
+# --------------------------------------------------------------------------- B.2
+def test_superpixel_refinement_by_hand():
+    cam = torch.tensor([[[1.0, 0.0], [0.2, 0.2]]])
+    sp = torch.tensor([[[0, 0], [1, 1]]])
+    # region 0 mean 0.5 > 0.3 -> on; region 1 mean 0.2 -> off
+    assert superpixel_refine(cam, sp, 0.3).tolist() == [[[True, True], [False, False]]]
+
+
+# --------------------------------------------------------------------------- Eq. 7
+def test_sda_step_runs_every_branch_and_handles_empty_pseudo_masks():
+    torch.manual_seed(0)
+    mcfg = ModelConfig(widths=[8, 16, 16, 24], hidden=16, embed_dim=12, num_superpixels=10)
+    method = SDA(build_model(mcfg, 20), AdaptConfig(), mcfg.hidden, mcfg.scales)
+
+    def batch(seed):
+        g = torch.Generator().manual_seed(seed)
+        mask = torch.zeros(4, 32, 32)
+        mask[:, 8:20, 8:20] = 1
+        return {
+            "image": torch.randn(4, 3, 32, 32, generator=g),
+            "tokens": torch.randint(2, 20, (4, 5), generator=g),
+            "lengths": torch.full((4,), 5),
+            "superpixels": torch.randint(0, 10, (4, 32, 32), generator=g),
+            "mask": mask,
+        }
+
+    cats = torch.tensor([0, 1, 0, 1])
+    loss, logs = method.loss(
+        batch(0), batch(1), cats, cats, torch.ones(4, dtype=torch.bool), torch.tensor([True, True])
+    )
+    assert torch.isfinite(loss)
+    assert {"l_ct", "l_aux", "l_ho", "l_cfb"} <= set(logs)
+    assert logs["empty_pseudo"] == 1.0  # an untrained teacher is never above gamma_max
+    loss.backward()
+    assert method.aux.heads[0].out.weight.grad is not None
+    assert all(p.grad is None for p in method.teacher.parameters())
+    before = [p.clone() for p in method.teacher.parameters()]
+    method.update_teacher()
+    assert all(
+        torch.allclose(b, p) for b, p in zip(before, method.teacher.parameters(), strict=True)
+    )
