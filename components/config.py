@@ -201,7 +201,9 @@ class MasksConfig(TrainConfig):
 
     epochs: PositiveInt = Field(5, description="CAM epochs (IRN reference: 5).")
     lr: Annotated[float, Field(gt=0)] = 1e-3
-    widths: list[PositiveInt] = Field(default_factory=lambda: [16, 32, 64, 96])
+    init_encoder: bool = Field(
+        True, description="Start from a copy of the stage-1 visual encoder (assumed)."
+    )
     fg_threshold: Fraction = Field(0.3, description="CAM foreground threshold (IRN: 0.30).")
 
 

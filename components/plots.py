@@ -46,3 +46,50 @@ def overlay_grid(images, gts, preds, queries, path: Path, title: str, cols: int 
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def tsne_domains(before: dict, after: dict, path: Path, seed: int = 0) -> None:
+    """Fig. 7: t-SNE of source / target foreground features before and after adaptation.
+
+    ``before`` / ``after``: {"source": (M, C) array, "target": (M', C) array}.
+    """
+    from sklearn.manifold import TSNE
+
+    fig, axes = plt.subplots(1, 2, figsize=(8, 4))
+    for ax, (title, feats) in zip(axes, (("before", before), ("after", after)), strict=True):
+        x = np.concatenate([feats["source"], feats["target"]])
+        emb = TSNE(2, init="pca", random_state=seed, perplexity=min(30, len(x) - 1)).fit_transform(
+            x
+        )
+        n = len(feats["source"])
+        ax.scatter(*emb[:n].T, s=4, c="tab:blue", label="source")
+        ax.scatter(*emb[n:].T, s=4, c="tab:orange", label="target")
+        ax.set_title(f"{title} adaptation")
+        ax.set_xticks([])
+        ax.set_yticks([])
+    axes[0].legend(loc="best", fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def reciprocal_masks(images, domain_masks, semantic_masks, queries, path: Path) -> None:
+    """Fig. 9: domain-based (A^t) and semantic-based (A-bar^t) target masks side by side."""
+    n = len(images)
+    fig, axes = plt.subplots(n, 3, figsize=(6.6, 2.3 * n))
+    axes = np.atleast_2d(axes)
+    for row, (img, dm, sm, q) in enumerate(
+        zip(images, domain_masks, semantic_masks, queries, strict=True)
+    ):
+        panels = ((q[:30], img), ("domain-based A^t", dm), ("semantic-based", sm))
+        for col, (title, shown) in enumerate(panels):
+            ax = axes[row, col]
+            if col == 0:
+                ax.imshow(shown, interpolation="nearest")
+            else:
+                ax.imshow(shown, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+            ax.set_title(title, fontsize=7)
+            ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

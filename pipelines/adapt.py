@@ -14,17 +14,21 @@ import math
 from dataclasses import replace
 from pathlib import Path
 
+import mlflow
 import numpy as np
 import ray
 import torch
 
 from components.adaptation import METHODS
+from components.adaptation.sda.cfb import masked_mean
+from components.adaptation.sda.method import cells
 from components.config import AdaptConfig, ModelConfig, Params
 from components.data.dataset import iterate_batches, load_split, to_batch
 from components.data.schema import shard_paths
 from components.data.vocab import Vocab
 from components.io import atomic_path
 from components.models.network import build_model, load_trained, save_trained
+from components.plots import reciprocal_masks, tsne_domains
 from components.runtime import init_ray
 from components.tracking import stage_run
 from components.training import evaluate, make_optimizer
@@ -175,6 +179,45 @@ def run(
     return history
 
 
+@torch.no_grad()
+def figures(
+    params: Params, data_dir: Path, init: Path, adapted: Path, masks: Path, out: Path, n=300
+) -> None:
+    """Fig. 7 (t-SNE of foreground features before / after) and Fig. 9 (reciprocal masks).
+
+    Visualisation only: the foreground of both domains is taken from the annotations here.
+    """
+    mcfg = params.model
+    vocab = Vocab.load(data_dir / "vocab.json")
+    args = (vocab, mcfg.max_words, mcfg.num_superpixels)
+    splits = {d: load_split(data_dir, d, "train", *args) for d in ("source", "target")}
+    feats: dict[str, dict] = {}
+    for name, folder in (("before", init), ("after", adapted)):
+        model, _ = load_trained(folder)
+        model.eval()
+        feats[name] = {}
+        for domain, data in splits.items():
+            rows = np.flatnonzero(data.masks.any((1, 2)))[:n]
+            batch = to_batch(data, rows, torch.device("cpu"))
+            f = model(batch["image"], batch["tokens"], batch["lengths"], batch["superpixels"])
+            mean, _ = masked_mean(f["features"], cells(batch["mask"], f["features"].shape[-2:]))
+            feats[name][domain] = mean.numpy()
+    tsne_domains(feats["before"], feats["after"], out / "tsne.png", params.seed)
+
+    target = splits["target"]
+    rows = np.arange(min(6, len(target)))
+    model, _ = load_trained(init)
+    model.eval()
+    batch = to_batch(target, rows, torch.device("cpu"))
+    resp = model(batch["image"], batch["tokens"], batch["lengths"], batch["superpixels"])
+    domain_masks = (resp["response"] > params.adapt.gamma_max).numpy()
+    semantic = load_masks(masks, target)[rows]
+    queries = [target.queries[i] for i in rows]
+    reciprocal_masks(
+        target.images[rows], domain_masks, semantic, queries, out / "reciprocal_masks.png"
+    )
+
+
 def main(
     params: Params,
     data: str,
@@ -184,6 +227,7 @@ def main(
     out: str,
     metrics: str,
     plots: str,
+    figures_dir: str | None = None,
 ) -> None:
     used = {
         "seed": params.seed,
@@ -192,11 +236,9 @@ def main(
     }
     with stage_run("adapt", params.runtime, used, repo_root()):
         history = run(params, Path(data), Path(init), Path(semantics), Path(masks), Path(out))
-        log_stage(
-            "adapt",
-            history,
-            metrics,
-            plots,
-            out,
-            f"adapt ({params.adapt.method}, target val per epoch)",
-        )
+        title = f"adapt ({params.adapt.method}, target val per epoch)"
+        log_stage("adapt", history, metrics, plots, out, title)
+        if figures_dir:
+            with atomic_path(figures_dir, is_dir=True) as tmp:
+                figures(params, Path(data), Path(init), Path(out), Path(masks), tmp)
+                mlflow.log_artifacts(str(tmp), artifact_path="figures")

@@ -61,6 +61,7 @@ def _parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("masks", help="SDA semantic-based target masks (classifier + CAM)")
     s.add_argument("--data", required=True)
+    s.add_argument("--base", required=True, help="the stage-1 model (encoder initialisation)")
     s.add_argument("--semantics", required=True)
     s.add_argument("--out", required=True)
     s.add_argument("--metrics", required=True)
@@ -73,6 +74,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True)
     s.add_argument("--metrics", required=True)
     s.add_argument("--plots", required=True)
+    s.add_argument("--figures", help="folder for the t-SNE and reciprocal-mask figures")
 
     s = sub.add_parser("evaluate", help="evaluate trained models on source val / target test")
     s.add_argument("--data", required=True)
@@ -84,6 +86,7 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("report", help="markdown + CSV table of all evaluated models")
     s.add_argument("--eval", required=True)
     s.add_argument("--out", required=True)
+    s.add_argument("--experiments", help="`dvc exp show --json` output: add ablations.md")
 
     sub.add_parser("validate", help="validate the params file and exit")
     return p
@@ -117,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "masks":
             from pipelines import masks
 
-            masks.main(params, args.data, args.semantics, args.out, args.metrics)
+            masks.main(params, args.data, args.base, args.semantics, args.out, args.metrics)
         elif args.command == "adapt":
             from pipelines import adapt
 
@@ -130,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.out,
                 args.metrics,
                 args.plots,
+                args.figures,
             )
         elif args.command == "evaluate":
             from pipelines import evaluate
@@ -140,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "report":
             from pipelines import report
 
-            report.main(params, args.eval, args.out)
+            report.main(params, args.eval, args.out, args.experiments)
     except (ParamsError, DataError) as err:
         print(f"adaseg {args.command}: error: {err}", file=sys.stderr)
         return 2

@@ -26,13 +26,13 @@ from components.adaptation.sda.cam import (
     multilabel_loss,
     superpixel_refine,
 )
-from components.config import MasksConfig, Params
+from components.config import MasksConfig, ModelConfig, Params
 from components.data.dataset import SplitArrays, iterate_batches, load_split, to_batch
 from components.data.schema import encode_rle, shard_paths
 from components.data.vocab import Vocab
 from components.io import atomic_path, write_json
 from components.metrics import referring_metrics
-from components.models.network import _unwrap
+from components.models.network import _unwrap, load_trained
 from components.runtime import init_ray
 from components.tracking import log_history, stage_run
 from components.training import make_optimizer
@@ -46,13 +46,15 @@ def setup_classifier(config: dict) -> ray_train.Phase:
     import ray.train.torch
 
     tcfg = MasksConfig.model_validate(config["train"])
+    widths = ModelConfig.model_validate(config["model"]).widths
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     data: SplitArrays = ray.get(config["data_ref"])
     classes = torch.from_numpy(config["classes"])
     k = int(classes.max()) + 1
     device = ray.train.torch.get_device()
-    model = ray.train.torch.prepare_model(MultiLabelClassifier(k, tcfg.widths))
+    model = MultiLabelClassifier(k, widths, config["encoder_state"])
+    model = ray.train.torch.prepare_model(model)
     indices = np.arange(rank, len(data), world)
     steps = math.ceil(len(indices) / tcfg.batch_size)
     opt, sched = make_optimizer(model, tcfg, steps * tcfg.epochs)
@@ -101,7 +103,9 @@ def semantic_masks(model, data: SplitArrays, classes: np.ndarray, fg_threshold: 
     return np.concatenate(out)
 
 
-def run(params: Params, data_dir: Path, semantics: Path, out: Path) -> tuple[dict, list]:
+def run(
+    params: Params, data_dir: Path, base: Path, semantics: Path, out: Path
+) -> tuple[dict, list]:
     mcfg, tcfg = params.model, params.masks
     vocab = Vocab.load(data_dir / "vocab.json")
     target = load_split(data_dir, "target", "train", vocab, mcfg.max_words, mcfg.num_superpixels)
@@ -109,16 +113,27 @@ def run(params: Params, data_dir: Path, semantics: Path, out: Path) -> tuple[dic
     # contiguous class ids over the k_t + k_u target categories
     _, classes = np.unique(cats, return_inverse=True)
     classes = classes.astype(np.int64)
+    encoder = load_trained(base)[0].visual.state_dict() if tcfg.init_encoder else None
     init_ray(params.runtime)
     state = ray_train.fit(
         params,
         "masks",
         tcfg,
         setup_classifier,
-        {"train": tcfg.model_dump(mode="json"), "classes": classes, "data_ref": ray.put(target)},
-        inputs=[*shard_paths(data_dir, "target", "train"), semantics / "labels.parquet"],
+        {
+            "train": tcfg.model_dump(mode="json"),
+            "model": params.model.model_dump(mode="json"),
+            "encoder_state": encoder,
+            "classes": classes,
+            "data_ref": ray.put(target),
+        },
+        inputs=[
+            *shard_paths(data_dir, "target", "train"),
+            base / "model.pt",
+            semantics / "labels.parquet",
+        ],
     )
-    model = MultiLabelClassifier(int(classes.max()) + 1, tcfg.widths)
+    model = MultiLabelClassifier(int(classes.max()) + 1, params.model.widths)
     _unwrap(model).load_state_dict(state["modules"]["classifier"])
     masks = semantic_masks(model, target, classes, tcfg.fg_threshold)
     quality = referring_metrics(list(masks), list(target.masks))
@@ -152,10 +167,10 @@ def load_masks(folder: str | Path, data: SplitArrays) -> np.ndarray:
     return np.stack([decode_rle(r) for r in rows])
 
 
-def main(params: Params, data: str, semantics: str, out: str, metrics: str) -> None:
+def main(params: Params, data: str, base: str, semantics: str, out: str, metrics: str) -> None:
     used = {"seed": params.seed, "masks": params.masks.model_dump(mode="json")}
     with stage_run("masks", params.runtime, used, repo_root()):
-        diag, history = run(params, Path(data), Path(semantics), Path(out))
+        diag, history = run(params, Path(data), Path(base), Path(semantics), Path(out))
         log_history(history)
         write_json(metrics, diag)
         mlflow.log_metrics({k: float(v) for k, v in diag.items()})

@@ -49,7 +49,62 @@ def to_markdown(df: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def main(params: Params, eval_path: str, out: str) -> None:
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _exp_rows(node, rows: list) -> None:
+    """Collect (name, params, eval) from the nested JSON of ``dvc exp show --json``."""
+    if isinstance(node, list):
+        for item in node:
+            _exp_rows(item, rows)
+        return
+    if not isinstance(node, dict):
+        return
+    data = node.get("data") or {}
+    params = (data.get("params") or {}).get("params.yaml", {}).get("data")
+    evals = (data.get("metrics") or {}).get("metrics/eval.json", {}).get("data")
+    if params and evals:
+        rows.append((node.get("name") or str(node.get("rev", ""))[:7], params, evals))
+    for key in ("experiments", "revs"):
+        _exp_rows(node.get(key), rows)
+
+
+def ablation_table(exp_show: list, model: str = "sda", split: str = "target_test") -> pd.DataFrame:
+    """One row per experiment: the params that differ from the first (baseline) row and
+    ``model``'s metrics on ``split``. Input: the parsed output of ``dvc exp show --json``."""
+    rows: list = []
+    _exp_rows(exp_show, rows)
+    if not rows:
+        raise ValueError("no experiment with params.yaml and metrics/eval.json found")
+    base = _flatten(rows[0][1])
+    out = []
+    seen = set()
+    for name, params, evals in rows:
+        flat = _flatten(params)
+        diff = {k: v for k, v in flat.items() if base.get(k) != v and not k.startswith("runtime.")}
+        key = json.dumps(diff, sort_keys=True, default=str)  # same params, same run
+        if key in seen:
+            continue
+        seen.add(key)
+        vals = evals.get(model, {}).get(split, {})
+        out.append(
+            {
+                "experiment": name,
+                "changes": ", ".join(f"{k}={v}" for k, v in sorted(diff.items())) or "(baseline)",
+                **{m: vals.get(m) for m in ("oiou", "miou", "map")},
+            }
+        )
+    return pd.DataFrame(out)
+
+
+def main(params: Params, eval_path: str, out: str, experiments: str | None = None) -> None:
     results = json.loads(Path(eval_path).read_text())
     df = table(results)
     with stage_run("report", params.runtime, {}, repo_root()):
@@ -60,4 +115,12 @@ def main(params: Params, eval_path: str, out: str) -> None:
                 + to_markdown(df)
                 + "\n"
             )
+            if experiments:
+                abl = ablation_table(json.loads(Path(experiments).read_text()))
+                abl.to_csv(tmp / "ablations.csv", index=False)
+                (tmp / "ablations.md").write_text(
+                    "# Ablations\n\nSDA on target test, one row per DVC experiment.\n\n"
+                    + to_markdown(abl)
+                    + "\n"
+                )
         mlflow.log_artifacts(out, artifact_path="report")

@@ -26,6 +26,9 @@ TINY_OVERRIDES = {
     "model": {"widths": [8, 16, 16, 24], "hidden": 16, "embed_dim": 16},
     "pretrain": {"epochs": 2, "batch_size": 16, "warmup_steps": 2},
     "oracle": {"epochs": 1, "batch_size": 16, "warmup_steps": 2},
+    "init": {"epochs": 1, "batch_size": 16, "warmup_steps": 2},
+    "masks": {"epochs": 1, "batch_size": 16, "warmup_steps": 2},
+    "adapt": {"epochs": 2, "batch_size": 8, "warmup_steps": 2, "pixels": 64},
     "evaluate": {"overlay_samples": 4},
     "runtime": {"object_store_memory_mb": 100},
 }

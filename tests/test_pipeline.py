@@ -26,7 +26,18 @@ from components.metrics import referring_metrics
 from tests.conftest import ROOT, tiny_params
 
 pytestmark = pytest.mark.slow
-STAGES = ["prepare", "pretrain", "oracle", "evaluate", "report"]
+STAGES = [
+    "prepare",
+    "pretrain",
+    "semantics",
+    "init",
+    "masks",
+    "adapt",
+    "oracle",
+    "evaluate",
+    "report",
+]
+MODELS = {"source_only", "sda", "oracle"}
 
 
 def _env(repo: Path) -> dict:
@@ -84,6 +95,15 @@ def test_repro_writes_every_output(repo):
         "data/prepared/stats.json",
         "models/source_only/model.pt",
         "models/oracle/model.pt",
+        "models/init/model.pt",
+        "models/sda/model.pt",
+        "semantics/labels.parquet",
+        "semantics/prototypes.npy",
+        "masks/semantic_masks.parquet",
+        "metrics/semantics.json",
+        "metrics/masks.json",
+        "metrics/adapt.json",
+        "plots/adapt.csv",
         "metrics/pretrain.json",
         "metrics/oracle.json",
         "plots/pretrain.csv",
@@ -97,14 +117,14 @@ def test_repro_writes_every_output(repo):
     assert history["epoch"].tolist() == [1, 2]
     assert {"loss", "val_oiou", "val_miou", "val_map"} <= set(history.columns)
     report = (repo / "reports/results.md").read_text()
-    assert "source_only" in report and "oracle" in report
+    assert all(m in report for m in MODELS)
     # nothing half-written left behind
     assert not list(repo.rglob(".*.tmp-*"))
 
 
 def test_eval_contract_and_metrics_recomputable(repo):
     results = json.loads((repo / "metrics/eval.json").read_text())
-    assert set(results) == {"source_only", "oracle"}
+    assert set(results) == MODELS
     for per_split in results.values():
         assert set(per_split) == {"source_val", "target_test"}
         for vals in per_split.values():
@@ -158,6 +178,23 @@ def test_one_mlflow_run_per_stage_grouped_and_tied_to_git(repo):
     assert "overlays" in {a.path for a in client.list_artifacts(ev["run_id"])}
 
 
+def test_sda_stage_outputs(repo):
+    sem = json.loads((repo / "metrics/semantics.json").read_text())
+    assert sem["k_s"] >= 1 and sem["k_t"] + sem["k_u"] >= 1
+    assert 0 <= sem["purity_source"] <= 1 and 0 <= sem["nmi_target"] <= 1
+    labels = pd.read_parquet(repo / "semantics/labels.parquet")
+    assert set(labels["domain"]) == {"source", "target"} and len(labels) == 128
+    assert (labels.loc[labels.domain == "source", "category"] < sem["k_s"]).all()
+    masks = pd.read_parquet(repo / "masks/semantic_masks.parquet")
+    assert len(masks) == 64 and "oiou_vs_gt" in json.loads(
+        (repo / "metrics/masks.json").read_text()
+    )
+    adapt = pd.read_csv(repo / "plots/adapt.csv")
+    assert adapt["epoch"].tolist() == [1, 2]
+    assert {"l_ct", "l_ho", "val_oiou"} <= set(adapt.columns)
+    assert adapt["loss"].notna().all()
+
+
 def test_second_repro_does_nothing(repo):
     before = len(_mlflow_runs(repo))
     out = _run(repo, "dvc", "repro").stdout
@@ -166,6 +203,9 @@ def test_second_repro_does_nothing(repo):
 
 
 def test_dvc_exp_run_with_override(repo):
+    out = _run(repo, "dvc", "exp", "run", "-S", "adapt.lambda2=0.0").stdout
+    assert "Running stage 'adapt'" in out and "Running stage 'pretrain'" not in out
+    assert "adapt.lambda2" in _run(repo, "dvc", "exp", "show", "--csv").stdout
     out = _run(repo, "dvc", "exp", "run", "-S", "pretrain.epochs=1").stdout
     assert "Running stage 'pretrain'" in out and "Running stage 'prepare'" not in out
     assert pd.read_csv(repo / "plots/pretrain.csv")["epoch"].tolist() == [1]

@@ -203,7 +203,8 @@ def test_ema_update():
 
 
 def test_pseudo_masks_thresholds():
-    resp = torch.tensor([[[0.95, 0.5], [0.05, 0.9]]])
+    # relative to the map's maximum (0.5): [[1.0, 0.5], [0.04, 0.9]]
+    resp = torch.tensor([[[0.5, 0.25], [0.02, 0.45]]])
     fg, bg = pseudo_masks(resp, 0.9, 0.1)
     assert fg.tolist() == [[[True, False], [False, False]]]  # 0.9 is not above gamma_max
     assert bg.tolist() == [[[False, False], [True, False]]]
@@ -253,12 +254,15 @@ def test_sda_step_runs_every_branch_and_handles_empty_pseudo_masks():
         }
 
     cats = torch.tensor([0, 1, 0, 1])
-    loss, logs = method.loss(
-        batch(0), batch(1), cats, cats, torch.ones(4, dtype=torch.bool), torch.tensor([True, True])
-    )
+    args = (cats, cats, torch.ones(4, dtype=torch.bool), torch.tensor([True, True]))
+    loss, logs = method.loss(batch(0), batch(1), *args)
     assert torch.isfinite(loss)
     assert {"l_ct", "l_aux", "l_ho", "l_cfb"} <= set(logs)
-    assert logs["empty_pseudo"] == 1.0  # an untrained teacher is never above gamma_max
+    assert logs["empty_pseudo"] == 0.0 and logs["anchors_st"] > 0
+    # no target pixel can pass gamma_max = 1: the contrast is skipped, nothing breaks
+    method.cfg = AdaptConfig(gamma_max=1.0)
+    empty, logs = method.loss(batch(0), batch(1), *args)
+    assert torch.isfinite(empty) and logs["empty_pseudo"] == 1.0
     loss.backward()
     assert method.aux.heads[0].out.weight.grad is not None
     assert all(p.grad is None for p in method.teacher.parameters())

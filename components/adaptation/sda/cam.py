@@ -20,9 +20,14 @@ from components.models.visual import ConvEncoder
 
 
 class MultiLabelClassifier(nn.Module):
-    def __init__(self, num_classes: int, widths: list[int]):
+    """Independent network; ``encoder_state`` initialises its CNN (the paper starts from an
+    ImageNet ResNet-101; we start from a copy of the stage-1 visual encoder, assumed)."""
+
+    def __init__(self, num_classes: int, widths: list[int], encoder_state: dict | None = None):
         super().__init__()
         self.encoder = ConvEncoder(widths)
+        if encoder_state is not None:
+            self.encoder.load_state_dict(encoder_state)
         self.classifier = nn.Conv2d(widths[-1], num_classes, 1)  # a linear layer per pixel
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -38,10 +43,16 @@ def multilabel_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def category_cam(cams: torch.Tensor, category: torch.Tensor, size: tuple[int, int]):
-    """CAM of each sample's category, ReLU'd, upsampled to ``size`` and scaled to [0, 1]."""
-    cam = cams[torch.arange(len(category)), category].unsqueeze(1).relu()
+    """CAM of each sample's category, upsampled to ``size`` and min-max scaled to [0, 1].
+
+    Min-max rather than ReLU-then-max: with many categories most class maps are negative
+    everywhere, and ReLU would leave nothing to threshold.
+    """
+    cam = cams[torch.arange(len(category)), category].unsqueeze(1)
     cam = F.interpolate(cam, size=size, mode="bilinear", align_corners=False)[:, 0]
-    return cam / cam.flatten(1).amax(1).clamp_min(1e-6).view(-1, 1, 1)
+    lo = cam.flatten(1).amin(1).view(-1, 1, 1)
+    hi = cam.flatten(1).amax(1).view(-1, 1, 1)
+    return (cam - lo) / (hi - lo).clamp_min(1e-6)
 
 
 def superpixel_refine(cam: torch.Tensor, superpixels: torch.Tensor, fg_threshold: float):

@@ -1,7 +1,7 @@
 """Contrastive Feature Branch (SDA Section 3.3.1, Eq. 4).
 
 * target pseudo masks from the response map: ``> gamma_max`` foreground, ``< gamma_min``
-  background, in between ignored;
+  background, in between ignored (relative to each map's maximum, see ``pseudo_masks``);
 * bidirectional pixel-level InfoNCE between source foreground pixels and reliable target
   pixels of the same semantic category (Eq. 4), the full loss ``L_s->t + L_t->s``;
 * a memory bank of ``B`` entries per common category per domain (FIFO);
@@ -24,8 +24,15 @@ from torch import nn
 
 
 def pseudo_masks(response: torch.Tensor, gamma_max: float, gamma_min: float):
-    """(B, H, W) scores in [0, 1] -> (foreground, background) bool masks; the rest is ignored."""
-    return response > gamma_max, response < gamma_min
+    """(B, H, W) scores in [0, 1] -> (foreground, background) bool masks; the rest is ignored.
+
+    The thresholds apply to the response relative to its per-sample maximum (assumed), the
+    same normalisation as the inference rule (foreground above half the maximum): a source
+    model is under-confident on the target, and absolute scores above 0.9 would leave almost
+    every target batch without a pseudo foreground.
+    """
+    rel = response / response.flatten(1).amax(1).clamp_min(1e-6).view(-1, 1, 1)
+    return rel > gamma_max, rel < gamma_min
 
 
 class MemoryBank:
