@@ -105,6 +105,7 @@ def main() -> None:
     summary["source_only_over_oracle_target_oiou"] = ms(ratio)
     summary["wall_s"] = ms([r["wall_s"] for r in runs])
     summary["peak_rss_mib"] = ms([r["peak_rss_mib"] for r in runs])
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(
         json.dumps({"overrides": overrides, "runs": runs, "summary": summary}, indent=2) + "\n"
     )

@@ -33,17 +33,19 @@ from components.models.network import build_model  # noqa: E402
 from components.training import evaluate, make_optimizer, train_epoch  # noqa: E402
 
 
-def bare(params, train, val, vocab, epochs: int) -> float:
-    """The worker loop without Ray: returns wall seconds."""
+def bare(params, train, val, vocab, epochs: int) -> tuple[float, list[float]]:
+    """The worker loop without Ray: wall seconds and per-epoch training samples/s."""
     torch.set_num_threads(torch.get_num_threads())
     torch.manual_seed(params.seed)
     t0 = time.perf_counter()
     model = build_model(params.model, len(vocab))
     steps = math.ceil(len(train) / params.pretrain.batch_size)
     opt, sched = make_optimizer(model, params.pretrain, steps * epochs)
+    per_epoch = []
     with tempfile.TemporaryDirectory() as d:
         for epoch in range(epochs):
             rng = np.random.default_rng((params.seed, 0, epoch))
+            t_epoch = time.perf_counter()
             train_epoch(
                 model,
                 opt,
@@ -54,11 +56,12 @@ def bare(params, train, val, vocab, epochs: int) -> float:
                 torch.device("cpu"),
                 rng,
             )
+            per_epoch.append(len(train) / (time.perf_counter() - t_epoch))
             evaluate(model, val, 64, torch.device("cpu"), params.model.empty_threshold)
             torch.save(
                 {"model": model.state_dict(), "optimizer": opt.state_dict()}, Path(d) / "state.pt"
             )
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, per_epoch
 
 
 def main() -> None:
@@ -83,13 +86,16 @@ def main() -> None:
     t0 = time.perf_counter()
     init_ray(params.runtime)
     ray_init_s = time.perf_counter() - t0
-    bare_s, ray_s = [], []
+    bare_s, ray_s, bare_epoch, ray_epoch = [], [], [], []
     for _ in range(args.repeats):  # interleaved, so drift hits both alike
-        bare_s.append(bare(params, train, val, vocab, args.epochs))
+        seconds, per_epoch = bare(params, train, val, vocab, args.epochs)
+        bare_s.append(seconds)
+        bare_epoch += per_epoch
         with tempfile.TemporaryDirectory() as d:
             t0 = time.perf_counter()
-            train_stage.run(params, "pretrain", data, Path(d) / "model")
+            history = train_stage.run(params, "pretrain", data, Path(d) / "model")
             ray_s.append(time.perf_counter() - t0)
+            ray_epoch += [row["samples_per_s"] for row in history]
     ray.shutdown()
     bare_sps = [n / s for s in bare_s]
     ray_sps = [n / s for s in ray_s]
@@ -101,6 +107,9 @@ def main() -> None:
         "bare_samples_per_s": bare_sps,
         "ray_train_samples_per_s": ray_sps,
         "ray_over_bare": ratio,
+        "bare_epoch_samples_per_s": bare_epoch,
+        "ray_worker_epoch_samples_per_s": ray_epoch,
+        "epoch_ray_over_bare": statistics.mean(ray_epoch) / statistics.mean(bare_epoch),
         "ray_init_s": ray_init_s,
     }
     (ROOT / "benchmarks/results/throughput.json").write_text(json.dumps(out, indent=2) + "\n")
