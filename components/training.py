@@ -95,6 +95,12 @@ def predict(model, data: SplitArrays, batch_size: int, device, empty_threshold: 
     return np.concatenate(masks), np.concatenate(scores)
 
 
+def val_metrics(model, data: SplitArrays, device, empty_threshold: float) -> dict[str, float]:
+    """The per-epoch validation row of every training phase: val_oiou, val_miou, val_map."""
+    m = evaluate(model, data, 64, device, empty_threshold)
+    return {f"val_{k}": m[k] for k in ("oiou", "miou", "map")}
+
+
 def evaluate(model, data: SplitArrays, batch_size: int, device, empty_threshold: float):
     """Referring metrics of ``model`` on ``data`` (see ``metrics.referring_metrics``)."""
     masks, scores = predict(model, data, batch_size, device, empty_threshold)

@@ -31,7 +31,7 @@ from components.models.network import build_model, load_trained, save_trained
 from components.plots import reciprocal_masks, tsne_domains
 from components.runtime import init_ray
 from components.tracking import stage_run
-from components.training import evaluate, make_optimizer
+from components.training import make_optimizer, val_metrics
 from pipelines import ray_train
 from pipelines.common import repo_root
 from pipelines.masks import load_masks
@@ -108,8 +108,7 @@ def setup_adapt(config: dict) -> ray_train.Phase:
         return row
 
     def validate() -> dict:
-        m = evaluate(method.student, val, 64, device, mcfg.empty_threshold)
-        return {f"val_{k}": m[k] for k in ("oiou", "miou", "map")}
+        return val_metrics(method.student, val, device, mcfg.empty_threshold)
 
     return ray_train.Phase(
         epochs=cfg.epochs,

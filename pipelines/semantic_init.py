@@ -24,7 +24,7 @@ from components.io import atomic_path
 from components.models.network import _unwrap, build_model, load_trained, save_trained
 from components.runtime import init_ray
 from components.tracking import stage_run
-from components.training import evaluate, make_optimizer, train_epoch
+from components.training import make_optimizer, train_epoch, val_metrics
 from pipelines import ray_train
 from pipelines.common import repo_root
 from pipelines.semantics import load_labels
@@ -93,8 +93,7 @@ def setup_init(config: dict) -> ray_train.Phase:
         return {"loss": stats["loss"], "l_si": float(np.mean(si_terms)) if si_terms else 0.0}
 
     def validate() -> dict:
-        m = evaluate(_unwrap(model), val, 64, device, mcfg.empty_threshold)
-        return {f"val_{k}": m[k] for k in ("oiou", "miou", "map")}
+        return val_metrics(_unwrap(model), val, device, mcfg.empty_threshold)
 
     return ray_train.Phase(
         epochs=tcfg.epochs,

@@ -29,7 +29,7 @@ from components.models.text import load_glove
 from components.plots import training_curves
 from components.runtime import init_ray
 from components.tracking import log_history, stage_run
-from components.training import evaluate, make_optimizer, train_epoch
+from components.training import make_optimizer, train_epoch, val_metrics
 from pipelines import ray_train
 from pipelines.common import repo_root
 
@@ -79,8 +79,7 @@ def setup_supervised(config: dict) -> ray_train.Phase:
         }
 
     def validate() -> dict:
-        m = evaluate(_unwrap(model), val, 64, device, mcfg.empty_threshold)
-        return {f"val_{k}": m[k] for k in ("oiou", "miou", "map")}
+        return val_metrics(_unwrap(model), val, device, mcfg.empty_threshold)
 
     return ray_train.Phase(
         epochs=tcfg.epochs,
