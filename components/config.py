@@ -240,6 +240,145 @@ class AdaptConfig(TrainConfig):
         return self
 
 
+TUNABLE_SECTIONS = ("semantics", "adapt")  # what a sweep trial re-runs (see pipelines/tune.py)
+TUNE_METRICS = ("val_oiou", "val_miou", "val_map", "unsup_confidence", "unsup_agreement")
+
+
+class SearchDim(_Section):
+    """One entry of ``tune.space``: a list of ``values`` (grid / choice), or a ``low``-``high``
+    range sampled uniformly (``log: true`` for log-uniform) by random and Optuna search."""
+
+    values: list[float | int | bool | str] | None = None
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+
+    @model_validator(mode="after")
+    def _shape(self) -> SearchDim:
+        if self.values is not None:
+            if self.low is not None or self.high is not None:
+                raise ValueError("give either values or low/high, not both")
+            if not self.values:
+                raise ValueError("values is empty")
+            return self
+        if self.low is None or self.high is None:
+            raise ValueError("needs values, or both low and high")
+        if self.low >= self.high:
+            raise ValueError(f"low ({self.low}) must be < high ({self.high})")
+        if self.log and self.low <= 0:
+            raise ValueError("log-uniform needs low > 0")
+        return self
+
+    def candidates(self) -> list:
+        """The values that bound what this entry can produce (for validation)."""
+        return list(self.values) if self.values is not None else [self.low, self.high]
+
+
+def _default_space() -> dict[str, dict[str, SearchDim]]:
+    # SDA's sensitivity studies: Fig. 5 (tau), Fig. 6 (beta), Fig. 10 (distance threshold),
+    # Table 9 (gamma_max / gamma_min); plus the contrastive temperature and the loss weights.
+    return {
+        "semantics": {
+            "tau": SearchDim(low=0.01, high=1.0, log=True),
+            "beta": SearchDim(low=0.1, high=1.0),
+            "distance_threshold": SearchDim(low=0.3, high=0.8),
+        },
+        "adapt": {
+            "gamma_max": SearchDim(low=0.6, high=0.95),
+            "gamma_min": SearchDim(low=0.05, high=0.4),
+            "contrast_temperature": SearchDim(low=0.03, high=0.5, log=True),
+            "lambda1": SearchDim(low=0.1, high=2.0, log=True),
+            "lambda2": SearchDim(low=0.01, high=1.0, log=True),
+        },
+    }
+
+
+class TuneConfig(_Section):
+    """Ray Tune sweep over SDA's temperatures, thresholds and loss weights (stage ``tune``)."""
+
+    search: Literal["grid", "random", "optuna"] = "random"
+    num_samples: PositiveInt = Field(16, description="Trials (grid: repeats of the whole grid).")
+    scheduler: Literal["asha", "fifo"] = Field("asha", description="asha = early stopping.")
+    grace_period: PositiveInt = Field(1, description="ASHA: epochs before a trial can stop.")
+    reduction_factor: Annotated[float, Field(gt=1)] = Field(2.0, description="ASHA eta.")
+    metric: Literal[TUNE_METRICS] = Field(  # type: ignore[valid-type]
+        "val_oiou",
+        description="Objective (maximised): val_* on the labeled target val split, or an "
+        "unsupervised criterion that needs no target labels.",
+    )
+    epochs: PositiveInt = Field(3, description="Adaptation epochs per trial (ASHA max_t).")
+    max_concurrent: PositiveInt | None = Field(None, description="null = as resources allow.")
+    max_failures: NonNegInt = Field(1, description="Retries of a crashed trial.")
+    cpus_per_trial: Annotated[float, Field(gt=0)] = Field(1.0, description="Fractions allowed.")
+    gpus_per_trial: Annotated[float, Field(ge=0)] = Field(0.0, description="e.g. 0.25 = 4/GPU.")
+    storage_path: str | None = Field(
+        None, description="Trial storage (dir or URI); null = runtime.storage_path/tune."
+    )
+    name: str | None = Field(None, description="Sweep name; null = derived from its inputs.")
+    space: dict[str, dict[str, SearchDim]] = Field(
+        default_factory=_default_space, description="section -> field -> SearchDim."
+    )
+
+    def flat_space(self) -> dict[str, SearchDim]:
+        """``{"semantics.tau": SearchDim, ...}`` in a stable order."""
+        return {f"{s}.{k}": d for s, dims in self.space.items() for k, d in dims.items()}
+
+    @model_validator(mode="after")
+    def _space(self) -> TuneConfig:
+        if not self.flat_space():
+            raise ValueError("space is empty")
+        if self.search == "grid":
+            ranged = [k for k, d in self.flat_space().items() if d.values is None]
+            if ranged:
+                raise ValueError(f"grid search needs `values` for {', '.join(ranged)}")
+        if self.scheduler == "asha" and self.grace_period > self.epochs:
+            raise ValueError(f"grace_period ({self.grace_period}) > epochs ({self.epochs})")
+        return self
+
+
+def _check_space(params: Params) -> list[str]:
+    """Every ``tune.space`` entry names a tunable field and only yields values it accepts."""
+    from pydantic import TypeAdapter
+
+    errors = []
+    space = params.tune.flat_space()
+    for key, dim in space.items():
+        section, _, name = key.partition(".")
+        where = f"tune.space.{key}"
+        if section not in TUNABLE_SECTIONS:
+            errors.append(
+                f"{where}: not a tunable parameter (use semantics.<field> or adapt.<field>)"
+            )
+            continue
+        fields = type(getattr(params, section)).model_fields
+        if name not in fields:
+            errors.append(f"{where}: unknown parameter")
+            continue
+        info = fields[name]
+        adapter = TypeAdapter(Annotated[info.annotation, *info.metadata])
+        for value in dim.candidates():
+            try:
+                adapter.validate_python(value)
+            except ValidationError as err:
+                msg = err.errors()[0]["msg"]
+                errors.append(f"{where}: value {value!r} is refused by {key}: {msg}")
+                break
+    adapt = params.adapt
+    lo = (
+        min(space["adapt.gamma_min"].candidates())
+        if "adapt.gamma_min" in space
+        else adapt.gamma_min
+    )
+    hi = (
+        max(space["adapt.gamma_max"].candidates())
+        if "adapt.gamma_max" in space
+        else adapt.gamma_max
+    )
+    if lo >= hi:
+        errors.append(f"tune.space: no gamma_min ({lo}) below any gamma_max ({hi})")
+    return errors
+
+
 class Params(_Section):
     """The whole params.yaml."""
 
@@ -254,6 +393,14 @@ class Params(_Section):
     init: InitConfig
     masks: MasksConfig
     adapt: AdaptConfig
+    tune: TuneConfig = TuneConfig()
+
+    @model_validator(mode="after")
+    def _tune_space(self) -> Params:
+        errors = _check_space(self)
+        if errors:
+            raise ValueError("; ".join(errors))
+        return self
 
 
 def _format_errors(err: ValidationError, source: str) -> str:
@@ -266,7 +413,10 @@ def _format_errors(err: ValidationError, source: str) -> str:
             msg = "unknown field"
         else:
             msg = e["msg"].removeprefix("Value error, ")
-        lines.append(f"  {loc or '<root>'}: {msg}")
+        if loc:
+            lines.append(f"  {loc}: {msg}")
+        else:  # cross-section rules name their fields in the message
+            lines.extend(f"  {m}" for m in msg.split("; "))
     return "\n".join(lines)
 
 

@@ -81,10 +81,33 @@ def _experiment_id(name: str, root: Path) -> str:
 
 
 @contextlib.contextmanager
-def stage_run(stage: str, cfg: RuntimeConfig, params: dict[str, Any], root: Path, name=None):
-    """Start the MLflow run of one stage; yields the active run."""
+def stage_run(
+    stage: str,
+    cfg: RuntimeConfig,
+    params: dict[str, Any],
+    root: Path,
+    name=None,
+    resume_tag: tuple[str, str] | None = None,
+):
+    """Start the MLflow run of one stage; yields the active run.
+
+    ``resume_tag=(key, value)``: continue the stage's run carrying that tag if there is one
+    (a resumed sweep keeps its parent run), else start one with that tag.
+    """
     mlflow.set_tracking_uri(tracking_uri(cfg, root))
     exp_id = _experiment_id(cfg.mlflow_experiment, root)
+    if resume_tag:
+        key, value = resume_tag
+        found = mlflow.search_runs(
+            [exp_id],
+            filter_string=f"tags.`adaseg.stage` = '{stage}' and tags.`{key}` = '{value}'",
+            max_results=1,
+            output_format="list",
+        )
+        if found:
+            with mlflow.start_run(run_id=found[0].info.run_id) as run:
+                yield run
+            return
     commit, dirty = git_state(root)
     flat = flatten(params)
     tags = {
@@ -96,6 +119,8 @@ def stage_run(stage: str, cfg: RuntimeConfig, params: dict[str, Any], root: Path
         "adaseg.git_dirty": str(dirty).lower(),
         "mlflow.source.git.commit": commit,
     }
+    if resume_tag:
+        tags[resume_tag[0]] = resume_tag[1]
     with mlflow.start_run(experiment_id=exp_id, run_name=name or stage, tags=tags) as run:
         mlflow.log_params(flat)
         yield run
@@ -106,3 +131,20 @@ def log_history(history: list[dict[str, float]]) -> None:
     for row in history:
         step = int(row["epoch"])
         mlflow.log_metrics({k: float(v) for k, v in row.items() if k != "epoch"}, step=step)
+
+
+def upstream_hashes(root: Path, stages=("prepare", "pretrain", "semantics", "init", "masks")):
+    """``adaseg.dvc.<stage>``: the md5 DVC recorded for each upstream stage's first output
+    (from ``dvc.lock``), so a run can be traced to the exact artefacts it started from."""
+    import yaml
+
+    lock = root / "dvc.lock"
+    if not lock.is_file():
+        return {}
+    data = yaml.safe_load(lock.read_text()) or {}
+    tags = {}
+    for stage in stages:
+        outs = (data.get("stages", {}).get(stage) or {}).get("outs") or []
+        if outs and outs[0].get("md5"):
+            tags[f"adaseg.dvc.{stage}"] = outs[0]["md5"]
+    return tags

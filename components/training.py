@@ -105,3 +105,34 @@ def evaluate(model, data: SplitArrays, batch_size: int, device, empty_threshold:
     """Referring metrics of ``model`` on ``data`` (see ``metrics.referring_metrics``)."""
     masks, scores = predict(model, data, batch_size, device, empty_threshold)
     return referring_metrics(list(masks), list(data.masks), list(scores))
+
+
+@torch.no_grad()
+def unsupervised_metrics(
+    student, teacher, data: SplitArrays, device, empty_threshold: float, batch_size: int = 64
+) -> dict[str, float]:
+    """Model-selection criteria that read no target labels (sweeps without target annotations).
+
+    * ``unsup_confidence``: 1 - mean binary entropy (in bits) of the student's response map;
+      1 = every pixel predicted with certainty.
+    * ``unsup_agreement``: overall IoU between the student's and the teacher's predicted masks
+      (pseudo-label agreement); samples where both predict nothing are left out.
+    """
+    student.eval()
+    teacher.eval()
+    entropy, pixels, inter, union = 0.0, 0, 0, 0
+    for idx in iterate_batches(len(data), batch_size, shuffle=False):
+        batch = to_batch(data, idx, device)
+        args = (batch["image"], batch["tokens"], batch["lengths"], batch["superpixels"])
+        p = student(*args)["response"].float().clamp(1e-6, 1 - 1e-6)
+        h = -(p * p.log2() + (1 - p) * (1 - p).log2())
+        entropy += h.sum().item()
+        pixels += h.numel()
+        ms, _ = predict_masks(p, empty_threshold)
+        mt, _ = predict_masks(teacher(*args)["response"].float(), empty_threshold)
+        inter += (ms & mt).sum().item()
+        union += (ms | mt).sum().item()
+    return {
+        "unsup_confidence": 1.0 - entropy / max(1, pixels),
+        "unsup_agreement": inter / union if union else 1.0,
+    }

@@ -31,7 +31,7 @@ from components.models.network import build_model, load_trained, save_trained
 from components.plots import reciprocal_masks, tsne_domains
 from components.runtime import init_ray
 from components.tracking import stage_run
-from components.training import make_optimizer, val_metrics
+from components.training import make_optimizer, unsupervised_metrics, val_metrics
 from pipelines import ray_train
 from pipelines.common import repo_root
 from pipelines.masks import load_masks
@@ -42,27 +42,25 @@ log = logging.getLogger(__name__)
 
 
 def setup_adapt(config: dict) -> ray_train.Phase:
-    import ray.train
-    import ray.train.torch
-
+    """The adaptation phase; runs in a Ray Train worker, or in a Ray Tune trial (sweeps)."""
     cfg = AdaptConfig.model_validate(config["train"])
     mcfg = ModelConfig.model_validate(config["model"])
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    rank, world, device = ray_train.worker_info(config)
     src, tgt, val = (ray.get(config[k]) for k in ("source_ref", "target_ref", "val_ref"))
-    src_cat = torch.from_numpy(config["source_categories"])
-    tgt_cat = torch.from_numpy(config["target_categories"])
-    tgt_common = torch.from_numpy(config["target_common"])
+    # copies: arrays from the object store are read-only
+    src_cat = torch.tensor(config["source_categories"])
+    tgt_cat = torch.tensor(config["target_categories"])
+    tgt_common = torch.tensor(config["target_common"])
     k_s = int(src_cat.max()) + 1
     common_set = torch.zeros(k_s, dtype=torch.bool)
     common_set[tgt_cat[tgt_common & (tgt_cat < k_s)].unique()] = True
-    device = ray.train.torch.get_device()
     base = build_model(mcfg, config["vocab_size"])
     base.load_state_dict(config["init_state"])
     method = METHODS[cfg.method](base, cfg, mcfg.hidden, mcfg.scales).to(device)
     s_idx, t_idx = np.arange(rank, len(src), world), np.arange(rank, len(tgt), world)
     steps = math.ceil(min(len(s_idx), len(t_idx)) / cfg.batch_size)
-    opt, sched = make_optimizer(method.trainable(), cfg, steps * cfg.epochs)
+    trainable = list(method.trainable())
+    opt, sched = make_optimizer(trainable, cfg, steps * cfg.epochs)
     gen = torch.Generator().manual_seed(config["seed"])
 
     def run_epoch(epoch: int, tick) -> dict:
@@ -90,6 +88,7 @@ def setup_adapt(config: dict) -> ray_train.Phase:
                 raise FloatingPointError(f"non-finite adaptation loss {loss.item()}: {logs}")
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            ray_train.average_gradients(trainable, world)
             opt.step()
             sched.step()
             method.update_teacher()
@@ -108,7 +107,13 @@ def setup_adapt(config: dict) -> ray_train.Phase:
         return row
 
     def validate() -> dict:
-        return val_metrics(method.student, val, device, mcfg.empty_threshold)
+        # labeled target val (reporting / sweep objective) + criteria that need no labels
+        return {
+            **val_metrics(method.student, val, device, mcfg.empty_threshold),
+            **unsupervised_metrics(
+                method.student, method.teacher, val, device, mcfg.empty_threshold
+            ),
+        }
 
     return ray_train.Phase(
         epochs=cfg.epochs,
@@ -120,10 +125,29 @@ def setup_adapt(config: dict) -> ray_train.Phase:
     )
 
 
-def run(
-    params: Params, data_dir: Path, init: Path, semantics: Path, masks: Path, out: Path
-) -> list[dict]:
-    mcfg, cfg = params.model, params.adapt
+def phase_config(params: Params, vocab_size: int, init_state: dict, labels, refs) -> dict:
+    """What ``setup_adapt`` reads. ``labels``: (source category, target category, target
+    common flag) arrays; ``refs``: ObjectRefs of the source train, target train (semantic-based
+    masks in place of its annotations) and labeled target val splits."""
+    src_cat, tgt_cat, tgt_common = labels
+    source_ref, target_ref, val_ref = refs
+    return {
+        "train": params.adapt.model_dump(mode="json"),
+        "model": params.model.model_dump(mode="json"),
+        "vocab_size": vocab_size,
+        "init_state": init_state,
+        "source_categories": src_cat,
+        "target_categories": tgt_cat,
+        "target_common": tgt_common,
+        "source_ref": source_ref,
+        "target_ref": target_ref,
+        "val_ref": val_ref,
+    }
+
+
+def load_inputs(params: Params, data_dir: Path, semantics: Path, masks: Path):
+    """Vocab, the three splits (target train masks = semantic-based masks) and CSM labels."""
+    mcfg = params.model
     vocab = Vocab.load(data_dir / "vocab.json")
     args = (vocab, mcfg.max_words, mcfg.num_superpixels)
     source = load_split(data_dir, "source", "train", *args)
@@ -133,6 +157,16 @@ def run(
     target = replace(target, masks=load_masks(masks, target))
     src_cat, _ = load_labels(semantics, source)
     tgt_cat, tgt_common = load_labels(semantics, target)
+    return vocab, (source, target, val), (src_cat, tgt_cat, tgt_common)
+
+
+def run(
+    params: Params, data_dir: Path, init: Path, semantics: Path, masks: Path, out: Path
+) -> list[dict]:
+    mcfg, cfg = params.model, params.adapt
+    vocab, (source, target, val), (src_cat, tgt_cat, tgt_common) = load_inputs(
+        params, data_dir, semantics, masks
+    )
     model, _ = load_trained(init)
     init_ray(params.runtime)
     state = ray_train.fit(
@@ -140,18 +174,13 @@ def run(
         "adapt",
         cfg,
         setup_adapt,
-        {
-            "train": cfg.model_dump(mode="json"),
-            "model": mcfg.model_dump(mode="json"),
-            "vocab_size": len(vocab),
-            "init_state": model.state_dict(),
-            "source_categories": src_cat,
-            "target_categories": tgt_cat,
-            "target_common": tgt_common,
-            "source_ref": ray.put(source),
-            "target_ref": ray.put(target),
-            "val_ref": ray.put(val),
-        },
+        phase_config(
+            params,
+            len(vocab),
+            model.state_dict(),
+            (src_cat, tgt_cat, tgt_common),
+            (ray.put(source), ray.put(target), ray.put(val)),
+        ),
         inputs=[
             *shard_paths(data_dir, "source", "train"),
             init / "model.pt",

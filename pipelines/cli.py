@@ -76,6 +76,16 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--plots", required=True)
     s.add_argument("--figures", help="folder for the t-SNE and reciprocal-mask figures")
 
+    s = sub.add_parser("tune", help="Ray Tune sweep over SDA temperatures and thresholds")
+    s.add_argument("--data", required=True)
+    s.add_argument("--base", required=True, help="the stage-1 model folder (for CSM)")
+    s.add_argument("--init", required=True, help="the stage-2 model folder")
+    s.add_argument("--semantics", required=True)
+    s.add_argument("--masks", required=True)
+    s.add_argument("--out", required=True, help="folder: best_params.yaml, trials.parquet")
+    s.add_argument("--plots", required=True, help="folder: sensitivity plots")
+    s.add_argument("--metrics", required=True)
+
     s = sub.add_parser("evaluate", help="evaluate trained models on source val / target test")
     s.add_argument("--data", required=True)
     s.add_argument("--models", nargs="+", required=True, help="model folders; name = folder name")
@@ -134,6 +144,20 @@ def main(argv: list[str] | None = None) -> int:
                 args.metrics,
                 args.plots,
                 args.figures,
+            )
+        elif args.command == "tune":
+            from pipelines import tune
+
+            tune.main(
+                params,
+                args.data,
+                args.base,
+                args.init,
+                args.semantics,
+                args.masks,
+                args.out,
+                args.plots,
+                args.metrics,
             )
         elif args.command == "evaluate":
             from pipelines import evaluate

@@ -47,19 +47,52 @@ class Phase:
     extra_state: dict = field(default_factory=dict)  # e.g. memory banks, saved as tensors
 
 
+def worker_info(config: dict) -> tuple[int, int, torch.device]:
+    """(rank, world size, device) of this process: a Ray Train worker, or a standalone
+    process such as a Ray Tune trial (``config["standalone"]``)."""
+    if config.get("standalone"):
+        cuda = config.get("use_gpu", False) and torch.cuda.is_available()
+        return 0, 1, torch.device("cuda" if cuda else "cpu")
+    import ray.train
+    import ray.train.torch
+
+    ctx = ray.train.get_context()
+    return ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device()
+
+
+def average_gradients(params, world: int) -> None:
+    """All-reduce (mean) the gradients of ``params`` across Ray Train workers, for phases whose
+    modules are not wrapped in DDP (e.g. a method holding a student and a teacher)."""
+    if world > 1:
+        import torch.distributed as dist
+
+        for p in params:
+            if p.grad is not None:
+                dist.all_reduce(p.grad)
+                p.grad /= world
+
+
 def worker_loop(config: dict) -> None:
     """The Ray Train worker: builds the phase, resumes, trains, reports a checkpoint per epoch."""
     import ray.train
+
+    rank = ray.train.get_context().get_world_rank()
+    run_phase(config, rank, ray.train.get_checkpoint, ray.train.report)
+
+
+def run_phase(config: dict, rank: int, get_checkpoint, report) -> None:
+    """Resume from ``get_checkpoint()``, then train; ``report(row, checkpoint=...)`` per epoch.
+
+    ``ray.train``'s pair inside a Train worker, ``ray.tune``'s inside a Tune trial.
+    """
     from ray.experimental.tqdm_ray import tqdm
 
-    ctx = ray.train.get_context()
-    rank = ctx.get_world_rank()
     torch.set_num_threads(config["threads"])
     torch.manual_seed(config["seed"])  # identical initial weights on every rank
     phase: Phase = config["setup"](config)
     name = config["phase"]
     start, history = 0, []
-    checkpoint = ray.train.get_checkpoint()
+    checkpoint = get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as d:
             state = torch.load(Path(d) / "state.pt", map_location="cpu", weights_only=True)
@@ -108,7 +141,7 @@ def worker_loop(config: dict) -> None:
                     Path(d) / "state.pt",
                 )
                 ckpt = Checkpoint.from_directory(d)
-            ray.train.report(row, checkpoint=ckpt)
+            report(row, checkpoint=ckpt)
 
 
 def fit(

@@ -31,14 +31,22 @@ from pipelines.common import repo_root
 log = logging.getLogger(__name__)
 
 
-@ray.remote(num_cpus=1)
-def _semantics_task(model, source: SplitArrays, target: SplitArrays, params: Params):
-    torch.set_num_threads(int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1)))
+def compute(model, source: SplitArrays, target: SplitArrays, params: Params):
+    """CSM in this process: extraction, predictor, clustering; returns (result, diagnostics).
+
+    ``result.labels_s`` / ``labels_t`` / ``reliable_t`` follow the row order of the splits.
+    """
     thr = params.model.empty_threshold
     src = sem.extract(model, source, 64, torch.device("cpu"), thr)
     tgt = sem.extract(model, target, 64, torch.device("cpu"), thr)
     res = sem.build(src, tgt, params.semantics, params.seed)
     return res, sem.diagnostics(res, source.true_categories, target.true_categories)
+
+
+@ray.remote(num_cpus=1)
+def _semantics_task(model, source: SplitArrays, target: SplitArrays, params: Params):
+    torch.set_num_threads(int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1)))
+    return compute(model, source, target, params)
 
 
 def run(params: Params, data_dir: Path, model_dir: Path, out: Path) -> dict:

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import copy
 import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -34,6 +37,20 @@ TINY_OVERRIDES = {
 }
 
 
+#: A 4-trial grid (half of it re-clusters: tau 0.5 != 0.2), 2 epochs, 4 trials at a time.
+TINY_TUNE = {
+    "search": "grid",
+    "num_samples": 1,
+    "epochs": 2,
+    "grace_period": 1,
+    "cpus_per_trial": 0.5,
+    "space": {
+        "semantics": {"tau": {"values": [0.2, 0.5]}},
+        "adapt": {"gamma_max": {"values": [0.8, 0.9]}},
+    },
+}
+
+
 def _merge(base: dict, extra: dict) -> dict:
     out = copy.deepcopy(base)
     for k, v in extra.items():
@@ -46,7 +63,9 @@ def real_params() -> dict:
 
 
 def tiny_params() -> dict:
-    return _merge(real_params(), TINY_OVERRIDES)
+    raw = _merge(real_params(), TINY_OVERRIDES)
+    raw["tune"] = {**raw["tune"], **TINY_TUNE}  # the whole space is replaced, not merged
+    return raw
 
 
 @pytest.fixture
@@ -63,3 +82,58 @@ def ray_local():
     ray.init(num_cpus=2, include_dashboard=False, object_store_memory=100 * 2**20)
     yield
     ray.shutdown()
+
+
+def repo_env(repo: Path) -> dict:
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    for var in (
+        "MLFLOW_TRACKING_URI",
+        "MLFLOW_RUN_ID",
+        "RAY_ADDRESS",
+        "ADASEG_PIPELINE_ID",
+        "ADASEG_TUNE_INJECT_FAILURE",
+    ):
+        env.pop(var, None)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def run_in(repo: Path, *cmd: str, check=True, timeout=900) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        cmd, cwd=repo, env=repo_env(repo), capture_output=True, text=True, timeout=timeout
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"{' '.join(cmd)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+        )
+    return proc
+
+
+@pytest.fixture(scope="session")
+def repo(tmp_path_factory) -> Path:
+    """A git + DVC repo with this project's files and tiny params, after one `dvc repro`."""
+    dst = tmp_path_factory.mktemp("repo")
+    files = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    for rel in files:
+        src = ROOT / rel
+        if src.is_file() and not rel.startswith(("data/", "models/", "metrics/", "plots/")):
+            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dst / rel)
+    for lock in ("dvc.lock",):
+        (dst / lock).unlink(missing_ok=True)
+    (dst / "params.yaml").write_text(yaml.safe_dump(tiny_params(), sort_keys=False))
+    for cmd in (
+        ["git", "init", "-q"],
+        ["git", "-c", "user.name=t", "-c", "user.email=t@t", "add", "-A"],
+        ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"],
+    ):
+        subprocess.run(cmd, cwd=dst, check=True)
+    run_in(dst, "dvc", "repro")
+    return dst

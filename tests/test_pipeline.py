@@ -12,18 +12,17 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
-import yaml
 
 from components.data.schema import decode_rle
 from components.metrics import referring_metrics
-from tests.conftest import ROOT, tiny_params
+from tests.conftest import repo_env as _env
+from tests.conftest import run_in as _run
 
 pytestmark = pytest.mark.slow
 STAGES = [
@@ -38,55 +37,6 @@ STAGES = [
     "report",
 ]
 MODELS = {"source_only", "sda", "oracle"}
-
-
-def _env(repo: Path) -> dict:
-    env = dict(os.environ)
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
-    for var in ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID", "RAY_ADDRESS", "ADASEG_PIPELINE_ID"):
-        env.pop(var, None)
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
-
-
-def _run(repo: Path, *cmd: str, check=True, timeout=900) -> subprocess.CompletedProcess:
-    proc = subprocess.run(
-        cmd, cwd=repo, env=_env(repo), capture_output=True, text=True, timeout=timeout
-    )
-    if check and proc.returncode != 0:
-        raise AssertionError(
-            f"{' '.join(cmd)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
-        )
-    return proc
-
-
-@pytest.fixture(scope="module")
-def repo(tmp_path_factory) -> Path:
-    """A git + DVC repo with this project's files and tiny params, after one `dvc repro`."""
-    dst = tmp_path_factory.mktemp("repo")
-    files = subprocess.run(
-        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.split()
-    for rel in files:
-        src = ROOT / rel
-        if src.is_file() and not rel.startswith(("data/", "models/", "metrics/", "plots/")):
-            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dst / rel)
-    for lock in ("dvc.lock",):
-        (dst / lock).unlink(missing_ok=True)
-    (dst / "params.yaml").write_text(yaml.safe_dump(tiny_params(), sort_keys=False))
-    for cmd in (
-        ["git", "init", "-q"],
-        ["git", "-c", "user.name=t", "-c", "user.email=t@t", "add", "-A"],
-        ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"],
-    ):
-        subprocess.run(cmd, cwd=dst, check=True)
-    _run(dst, "dvc", "repro")
-    return dst
 
 
 def test_repro_writes_every_output(repo):

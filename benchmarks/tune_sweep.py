@@ -1,0 +1,134 @@
+"""Sweep benchmarks: ASHA vs no early stopping, and the tau / beta sensitivity curves.
+
+Runs ``adaseg tune`` in a repository whose default pipeline has been reproduced (``dvc repro``
+done: data, stage-1 / init models, semantics, masks exist), so only the sweeps are timed.
+
+    python benchmarks/tune_sweep.py --repo . asha          # 16-trial ASHA vs 16-trial FIFO
+    python benchmarks/tune_sweep.py --repo . sensitivity   # grids over tau, then beta
+
+Both searches of ``asha`` draw the same 16 configurations (same seed); they differ only in the
+scheduler. Results: ``benchmarks/results/tune_asha.json``, ``tune_sensitivity.json`` (+ PNGs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import pandas as pd
+
+RESULTS = Path(__file__).parent / "results"
+TAUS = [0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0]  # Fig. 5's range
+BETAS = [0.1, 0.3, 0.5, 0.7, 0.9, 1.0]  # Fig. 6
+
+
+def sweep(repo: Path, name: str, sets: list[str]) -> dict:
+    out = repo / "bench_tune" / name
+    cmd = ["adaseg", "-S", f"tune.name=bench-{name}"]
+    for s in sets:
+        cmd += ["-S", s]
+    cmd += [
+        "tune",
+        "--data", "data/prepared",
+        "--base", "models/source_only",
+        "--init", "models/init",
+        "--semantics", "semantics",
+        "--masks", "masks",
+        "--out", str(out / "tune"),
+        "--plots", str(out / "plots"),
+        "--metrics", str(out / "tune.json"),
+    ]  # fmt: skip
+    t0 = time.perf_counter()
+    subprocess.run(cmd, cwd=repo, check=True)
+    wall = time.perf_counter() - t0
+    summary = json.loads((out / "tune.json").read_text())
+    table = pd.read_parquet(out / "tune/trials.parquet")
+    return {"name": name, "wall_s": round(wall, 1), "summary": summary, "trials": table}
+
+
+def asha(repo: Path, args) -> None:
+    common = [
+        "tune.search=random",
+        f"tune.num_samples={args.num_samples}",
+        f"tune.epochs={args.epochs}",
+        f"tune.cpus_per_trial={args.cpus_per_trial}",
+    ]
+    rows = {}
+    for scheduler in ("asha", "fifo"):
+        r = sweep(repo, scheduler, [*common, f"tune.scheduler={scheduler}"])
+        s = r["summary"]
+        rows[scheduler] = {
+            "wall_s": r["wall_s"],
+            "trials": s["trials"],
+            "completed": s["completed"],
+            "stopped_early": s["stopped_early"],
+            "failed": s["failed"],
+            "trial_epochs": s["trial_epochs"],
+            "best_val_oiou": s["best_val_oiou"],
+            **{k: v for k, v in s.items() if k.startswith("spearman")},
+        }
+        print(scheduler, rows[scheduler], flush=True)
+    rows["settings"] = vars(args) | {"repo": str(repo)}
+    rows["epoch_share"] = rows["asha"]["trial_epochs"] / rows["fifo"]["trial_epochs"]
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "tune_asha.json").write_text(json.dumps(rows, indent=2, default=str) + "\n")
+
+
+def sensitivity(repo: Path, args) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves = {}
+    for key, values in (("semantics.tau", TAUS), ("semantics.beta", BETAS)):
+        section, field = key.split(".")
+        space = json.dumps({section: {field: {"values": values}}})
+        r = sweep(
+            repo,
+            f"sens-{field}",
+            [
+                "tune.search=grid",
+                "tune.scheduler=fifo",
+                "tune.num_samples=1",
+                f"tune.epochs={args.epochs}",
+                f"tune.cpus_per_trial={args.cpus_per_trial}",
+                f"tune.space={space}",
+            ],
+        )
+        t = r["trials"].sort_values(key)
+        curves[key] = {
+            "values": t[key].tolist(),
+            "val_oiou": t["val_oiou"].round(4).tolist(),
+            "wall_s": r["wall_s"],
+        }
+        fig, ax = plt.subplots(figsize=(4, 3))
+        ax.plot(t[key], t["val_oiou"], "o-")
+        ax.set_xscale("log" if field == "tau" else "linear")
+        ax.set_xlabel(key)
+        ax.set_ylabel("target val oIoU")
+        fig.tight_layout()
+        fig.savefig(RESULTS / f"sensitivity_{field}.png", dpi=110)
+        plt.close(fig)
+        print(key, curves[key], flush=True)
+    curves["settings"] = vars(args) | {"repo": str(repo)}
+    (RESULTS / "tune_sensitivity.json").write_text(json.dumps(curves, indent=2) + "\n")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("what", choices=["asha", "sensitivity"])
+    p.add_argument("--repo", type=Path, default=Path("."))
+    p.add_argument("--num-samples", type=int, default=16)
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--cpus-per-trial", type=float, default=1.0)
+    args = p.parse_args()
+    RESULTS.mkdir(exist_ok=True)
+    (asha if args.what == "asha" else sensitivity)(args.repo.resolve(), args)
+
+
+if __name__ == "__main__":
+    main()

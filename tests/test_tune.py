@@ -1,0 +1,303 @@
+"""Ray Tune sweeps: search-space rules (fast), then real sweeps in the tiny DVC repo (slow).
+
+The slow tests share the session's tiny repo (after `dvc repro`), real local Ray and a real
+MLflow SQLite store: `dvc repro sweeps/dvc.yaml:tune` end to end, a crashing trial retried
+then marked failed, SIGKILL of the sweep driver then resume without duplicate MLflow runs,
+and a bad search space refused before any trial.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import optuna
+import pandas as pd
+import pytest
+import yaml
+
+from components.config import SearchDim, parse_params
+from pipelines import tune as sweep
+from tests.conftest import TINY_TUNE, repo_env, run_in
+
+
+def _params(raw: dict, **tune):
+    raw = dict(raw)
+    raw["tune"] = {**raw["tune"], **tune}
+    return parse_params(raw)
+
+
+# --------------------------------------------------------------------------- fast
+def test_grid_drops_pairs_with_gamma_min_not_below_gamma_max(tiny_raw):
+    space = {"adapt": {"gamma_max": {"values": [0.3, 0.9]}, "gamma_min": {"values": [0.1, 0.5]}}}
+    points = sweep.grid_points(_params(tiny_raw, search="grid", space=space))
+    assert {(p["adapt.gamma_min"], p["adapt.gamma_max"]) for p in points} == {
+        (0.1, 0.3),
+        (0.1, 0.9),
+        (0.5, 0.9),
+    }
+
+
+def test_random_gamma_min_is_sampled_below_gamma_max():
+    dim = SearchDim(low=0.05, high=0.9)
+    rng = np.random.default_rng(0)
+    for bound in np.linspace(0.1, 0.95, 40):
+        value = sweep._below(dim, bound, rng)
+        assert 0.05 <= value < bound
+    assert sweep._below(SearchDim(values=[0.1, 0.5, 0.8]), 0.6, rng) in (0.1, 0.5)
+
+
+def test_optuna_space_keeps_gamma_min_below_gamma_max(tiny_raw):
+    space = {
+        "adapt": {"gamma_max": {"low": 0.2, "high": 0.9}, "gamma_min": {"low": 0.1, "high": 0.8}}
+    }
+    define = sweep.optuna_space(_params(tiny_raw, search="optuna", space=space))
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(0))
+    for _ in range(50):
+        trial = study.ask()
+        fixed = define(trial) or {}
+        values = {**trial.params, **fixed}
+        assert values["adapt/gamma_min"] < values["adapt/gamma_max"]
+        study.tell(trial, 0.0)
+
+
+def test_trial_config_becomes_dotted_overrides():
+    nested = {"semantics": {"tau": np.float64(0.3)}, "adapt": {"lambda1": 2.0}}
+    assert sweep.overrides_of(nested) == {"semantics.tau": 0.3, "adapt.lambda1": 2.0}
+    assert sweep.overrides_of({"adapt/gamma_max": 0.8}) == {"adapt.gamma_max": 0.8}
+    assert sweep.overrides_of({"point": {"adapt.lambda2": 0.5}}) == {"adapt.lambda2": 0.5}
+
+
+def test_best_params_file_is_a_params_overlay(tiny_raw, tmp_path):
+    params = _params(tiny_raw)
+    table = pd.DataFrame(
+        {
+            "trial_id": ["a", "b", "c", "d"],
+            "status": ["COMPLETED", "STOPPED", "COMPLETED", "ERROR"],
+            "epochs": [2, 1, 2, 0],
+            "semantics.tau": [0.2, 0.5, 0.5, 0.2],
+            "adapt.gamma_max": [0.8, 0.8, 0.9, 0.9],
+            "val_oiou": [0.4, 0.1, 0.5, np.nan],
+            "unsup_confidence": [0.7, 0.2, 0.8, np.nan],
+            "unsup_agreement": [0.5, 0.6, 0.4, np.nan],
+        }
+    )
+    table["objective"] = table["val_oiou"]
+    keys = ["semantics.tau", "adapt.gamma_max"]
+    text = sweep.best_params_yaml(table.iloc[2], keys, params.tune, "s")
+    assert yaml.safe_load(text) == {"semantics": {"tau": 0.5}, "adapt": {"gamma_max": 0.9}}
+    assert "-S semantics.tau=0.5 -S adapt.gamma_max=0.9" in text
+    plots = sweep.sensitivity_plots(table, keys, "val_oiou", tmp_path)
+    assert [p.name for p in plots] == [f"sensitivity_{k}.png" for k in keys]
+    assert all(p.stat().st_size > 0 for p in plots)
+    assert "spearman_unsup_confidence_vs_val_oiou" not in sweep.rank_agreement(table)  # < 3
+
+
+@pytest.mark.parametrize(
+    ("tune", "message"),
+    [
+        ({"space": {"semantics": {"temp": {"values": [1]}}}}, "tune.space.semantics.temp: unknown"),
+        ({"space": {"model": {"hidden": {"values": [8]}}}}, "model.hidden: not a tunable"),
+        ({"space": {"adapt": {"lambda1": {"values": []}}}}, "lambda1: values is empty"),
+        ({"space": {"adapt": {"lambda1": {"low": 2, "high": 1}}}}, "low (2.0) must be < high"),
+        ({"space": {"semantics": {"tau": {"values": [0.1, -1]}}}}, "value -1 is refused"),
+        ({"space": {"semantics": {"tau": {"low": 0, "high": 1, "log": True}}}}, "needs low > 0"),
+        ({"space": {"adapt": {"gamma_min": {"values": [0.95]}}}}, "no gamma_min (0.95) below"),
+        ({"metric": "accuracy"}, "tune.metric"),
+        (
+            {"search": "grid", "space": {"adapt": {"lambda1": {"low": 0.1, "high": 1}}}},
+            "grid search needs `values` for adapt.lambda1",
+        ),
+        ({"space": {}}, "space is empty"),
+    ],
+)
+def test_bad_search_spaces_are_refused_naming_the_entry(tiny_raw, tune, message):
+    from components.config import ParamsError
+
+    with pytest.raises(ParamsError) as err:
+        _params(tiny_raw, **tune)
+    assert message in str(err.value)
+
+
+# --------------------------------------------------------------------------- slow
+def _children(repo: Path, sweep_id: str) -> pd.DataFrame:
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlruns.db'}")
+    runs = mlflow.search_runs(experiment_names=["adaseg"])
+    parents = runs[
+        (runs["tags.adaseg.stage"] == "tune") & (runs["tags.adaseg.sweep_id"] == sweep_id)
+    ]
+    assert len(parents) == 1, "one parent run per sweep"
+    return runs[runs["tags.mlflow.parentRunId"] == parents["run_id"].iloc[0]]
+
+
+def _tune_cmd(name: str, out: str, *extra: str) -> list[str]:
+    return [
+        "adaseg",
+        "-S",
+        f"tune.name={name}",
+        *extra,
+        "tune",
+        "--data",
+        "data/prepared",
+        "--base",
+        "models/source_only",
+        "--init",
+        "models/init",
+        "--semantics",
+        "semantics",
+        "--masks",
+        "masks",
+        "--out",
+        f"{out}/tune",
+        "--plots",
+        f"{out}/plots",
+        "--metrics",
+        f"{out}/tune.json",
+    ]
+
+
+@pytest.mark.slow
+def test_dvc_repro_tune_runs_the_sweep_and_tracks_every_trial(repo):
+    assert not (repo / "tune").exists()  # the default `dvc repro` does not sweep
+    run_in(repo, "dvc", "repro", "sweeps/dvc.yaml:tune")
+    table = pd.read_parquet(repo / "tune/trials.parquet")
+    assert len(table) == 4
+    assert set(table.status) <= {"COMPLETED", "STOPPED"} and "COMPLETED" in set(table.status)
+    assert sorted(zip(table["semantics.tau"], table["adapt.gamma_max"], strict=True)) == [
+        (0.2, 0.8),
+        (0.2, 0.9),
+        (0.5, 0.8),
+        (0.5, 0.9),
+    ]
+    assert table["val_oiou"].notna().all() and table["unsup_agreement"].notna().all()
+    best = table.sort_values(["objective", "epochs"], ascending=False).iloc[0]
+    overlay = yaml.safe_load((repo / "tune/best_params.yaml").read_text())
+    assert overlay == {
+        "semantics": {"tau": best["semantics.tau"]},
+        "adapt": {"gamma_max": best["adapt.gamma_max"]},
+    }
+    summary = yaml.safe_load((repo / "metrics/tune.json").read_text())
+    assert summary["trials"] == 4 and summary["failed"] == 0
+    assert summary["trial_epochs"] == table.epochs.sum() <= 4 * TINY_TUNE["epochs"]
+    for key in ("semantics.tau", "adapt.gamma_max"):
+        assert (repo / f"plots/tune/sensitivity_{key}.png").is_file()
+
+    children = _children(repo, _sweep_id(repo))
+    assert len(children) == 4 and set(children.status) == {"FINISHED"}
+    assert set(children["tags.adaseg.trial_id"]) == set(table.trial_id)
+    assert set(children["params.adapt.gamma_max"].astype(float)) == {0.8, 0.9}
+    assert children["metrics.val_oiou"].notna().all()
+    tagged = children[children["tags.adaseg.best"] == "true"]
+    assert tagged["tags.adaseg.trial_id"].tolist() == [best.trial_id]
+    assert children["tags.adaseg.dvc.init"].notna().all()  # tied to the upstream artefacts
+    # a trial that changes tau re-runs the semantics; one that keeps it uses the cached labels
+    reclustered = children[children["params.semantics.tau"].astype(float) == 0.5]
+    assert reclustered["metrics.semantics_k_s"].notna().all()
+    kept = children[children["params.semantics.tau"].astype(float) == 0.2]
+    assert "metrics.semantics_k_s" not in kept or kept["metrics.semantics_k_s"].isna().all()
+
+
+def _sweep_id(repo: Path) -> str:
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlruns.db'}")
+    runs = mlflow.search_runs(experiment_names=["adaseg"])
+    tune_runs = runs[runs["tags.adaseg.stage"] == "tune"].sort_values("start_time")
+    return tune_runs["tags.adaseg.sweep_id"].iloc[-1]
+
+
+@pytest.mark.slow
+def test_crashing_trial_is_retried_then_marked_failed(repo):
+    env = {**repo_env(repo), sweep.FAILURE_ENV: "adapt.gamma_max=0.8"}
+    cmd = _tune_cmd("failing", "fail", "-S", "tune.max_failures=1")
+    proc = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    table = pd.read_parquet(repo / "fail/tune/trials.parquet")
+    failed = table[table.status == "ERROR"]
+    assert sorted(failed["adapt.gamma_max"]) == [0.8, 0.8]
+    assert (table[table.status != "ERROR"]["adapt.gamma_max"] == 0.9).all()
+    assert yaml.safe_load((repo / "fail/tune/best_params.yaml").read_text())["adapt"] == {
+        "gamma_max": 0.9
+    }
+    children = _children(repo, "failing")
+    bad = children[children["params.adapt.gamma_max"].astype(float) == 0.8]
+    assert len(bad) == 2 and set(bad.status) == {"FAILED"}
+    assert set(bad["tags.adaseg.failures"]) == {"2"}  # retried once (max_failures), then failed
+    assert bad["tags.adaseg.error"].str.contains("injected failure").all()
+    assert set(children.drop(bad.index).status) == {"FINISHED"}
+
+
+@pytest.mark.slow
+def test_killed_sweep_resumes_without_rerunning_or_duplicating(repo):
+    cmd = _tune_cmd("resumed", "resume", "-S", "tune.epochs=3", "-S", "tune.scheduler=fifo")
+    proc = subprocess.Popen(
+        cmd,
+        cwd=repo,
+        env=repo_env(repo),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+
+    def finished() -> list[str]:
+        """Trial ids whose child run is FINISHED (read-only peek at the SQLite store)."""
+        try:
+            with sqlite3.connect(f"file:{repo / 'mlruns.db'}?mode=ro", uri=True) as db:
+                rows = db.execute(
+                    "select t2.value from runs r "
+                    "join tags t on r.run_uuid = t.run_uuid "
+                    "join tags t2 on r.run_uuid = t2.run_uuid "
+                    "where t.key = 'adaseg.sweep_id' and t.value = 'resumed' "
+                    "and t2.key = 'adaseg.trial_id' and r.status = 'FINISHED'"
+                ).fetchall()
+            return [r[0] for r in rows]
+        except sqlite3.Error:
+            return []
+
+    deadline = time.time() + 600
+    while time.time() < deadline and not finished():
+        time.sleep(1)
+    assert finished(), "no trial finished before the deadline"
+    time.sleep(3)  # let Tune write its experiment state after that trial
+    os.killpg(proc.pid, signal.SIGKILL)
+    done_before = finished()
+    proc.wait()
+    assert not (repo / "resume/tune").exists()  # nothing half-written
+
+    out = run_in(repo, *cmd)
+    assert "resuming sweep resumed" in out.stdout + out.stderr
+    table = pd.read_parquet(repo / "resume/tune/trials.parquet")
+    assert len(table) == 4 and (table.status == "COMPLETED").all()
+    children = _children(repo, "resumed")
+    assert sorted(children["tags.adaseg.trial_id"]) == sorted(table.trial_id)  # no duplicates
+    assert set(children.status) == {"FINISHED"}
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    for _, child in children.iterrows():
+        steps = [m.step for m in client.get_metric_history(child.run_id, "val_oiou")]
+        assert sorted(set(steps)) == [1, 2, 3]
+        if child["tags.adaseg.trial_id"] in done_before:  # finished trials did not run again
+            assert sorted(steps) == [1, 2, 3]
+
+
+@pytest.mark.slow
+def test_bad_search_space_is_refused_before_any_trial(repo):
+    for override, message in [
+        ("tune.space.semantics.temperature={low: 0.1, high: 1}", "semantics.temperature: unknown"),
+        ("tune.space.adapt.lambda1={values: []}", "values is empty"),
+        ("tune.space.adapt.lambda1={low: 2, high: 1}", "low (2.0) must be < high (1.0)"),
+        ("tune.metric=accuracy", "tune.metric"),
+    ]:
+        proc = run_in(repo, *_tune_cmd("bad", "bad", "-S", override), check=False)
+        assert proc.returncode == 2, override
+        assert message in proc.stderr, proc.stderr
+    assert not (repo / "bad").exists()
+    assert not (repo / ".adaseg/ray_results/tune/bad").exists()
