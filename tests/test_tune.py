@@ -236,7 +236,12 @@ def test_crashing_trial_is_retried_then_marked_failed(repo):
 
 @pytest.mark.slow
 def test_killed_sweep_resumes_without_rerunning_or_duplicating(repo):
-    cmd = _tune_cmd("resumed", "resume", "-S", "tune.epochs=3", "-S", "tune.scheduler=fifo")
+    # one trial at a time, so that the kill lands between the first trial and the last
+    cmd = _tune_cmd(
+        "resumed",
+        "resume",
+        *("-S", "tune.epochs=3", "-S", "tune.scheduler=fifo", "-S", "tune.max_concurrent=1"),
+    )
     proc = subprocess.Popen(
         cmd,
         cwd=repo,
@@ -268,6 +273,7 @@ def test_killed_sweep_resumes_without_rerunning_or_duplicating(repo):
     time.sleep(3)  # let Tune write its experiment state after that trial
     os.killpg(proc.pid, signal.SIGKILL)
     done_before = finished()
+    assert len(done_before) < 4, "the sweep ended before it could be killed"
     proc.wait()
     assert not (repo / "resume/tune").exists()  # nothing half-written
 
