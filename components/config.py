@@ -355,6 +355,9 @@ def _check_space(params: Params) -> list[str]:
             errors.append(f"{where}: unknown parameter")
             continue
         info = fields[name]
+        if info.annotation is int and not all(float(v).is_integer() for v in dim.candidates()):
+            errors.append(f"{where}: {key} is an integer: give integer values / bounds")
+            continue
         adapter = TypeAdapter(Annotated[info.annotation, *info.metadata])
         for value in dim.candidates():
             try:
@@ -363,19 +366,22 @@ def _check_space(params: Params) -> list[str]:
                 msg = err.errors()[0]["msg"]
                 errors.append(f"{where}: value {value!r} is refused by {key}: {msg}")
                 break
-    adapt = params.adapt
-    lo = (
-        min(space["adapt.gamma_min"].candidates())
-        if "adapt.gamma_min" in space
-        else adapt.gamma_min
+    # every gamma_max the sweep can draw must leave room for some gamma_min below it
+    floor = min(space["adapt.gamma_min"].candidates()) if "adapt.gamma_min" in space else None
+    floor = params.adapt.gamma_min if floor is None else floor
+    gmax = space.get("adapt.gamma_max")
+    tight = (
+        [v for v in gmax.values if v <= floor + 2e-3]
+        if gmax is not None and gmax.values is not None
+        else ([gmax.high] if gmax is not None and gmax.high <= floor + 2e-3 else [])
     )
-    hi = (
-        max(space["adapt.gamma_max"].candidates())
-        if "adapt.gamma_max" in space
-        else adapt.gamma_max
-    )
-    if lo >= hi:
-        errors.append(f"tune.space: no gamma_min ({lo}) below any gamma_max ({hi})")
+    if gmax is None and params.adapt.gamma_max <= floor + 2e-3:
+        tight = [params.adapt.gamma_max]
+    if tight:
+        errors.append(
+            f"tune.space.adapt.gamma_max: {tight[0]} leaves no gamma_min below it "
+            f"(smallest gamma_min: {floor})"
+        )
     return errors
 
 

@@ -91,8 +91,8 @@ def stage_run(
 ):
     """Start the MLflow run of one stage; yields the active run.
 
-    ``resume_tag=(key, value)``: continue the stage's run carrying that tag if there is one
-    (a resumed sweep keeps its parent run), else start one with that tag.
+    ``resume_tag=(key, value)``: continue the stage's unfinished run carrying that tag if there
+    is one (a resumed sweep keeps its parent run), else start one with that tag.
     """
     mlflow.set_tracking_uri(tracking_uri(cfg, root))
     exp_id = _experiment_id(cfg.mlflow_experiment, root)
@@ -100,7 +100,9 @@ def stage_run(
         key, value = resume_tag
         found = mlflow.search_runs(
             [exp_id],
-            filter_string=f"tags.`adaseg.stage` = '{stage}' and tags.`{key}` = '{value}'",
+            # an unfinished run (its process was killed); a finished one is never reopened
+            filter_string=f"tags.`adaseg.stage` = '{stage}' and tags.`{key}` = '{value}' "
+            "and attributes.status != 'FINISHED'",
             max_results=1,
             output_format="list",
         )

@@ -11,7 +11,6 @@ Outputs: ``--out/semantic_masks.parquet`` (sample_id, category, mask_rle),
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import mlflow
@@ -35,29 +34,21 @@ from components.metrics import referring_metrics
 from components.models.network import _unwrap, load_trained
 from components.runtime import init_ray
 from components.tracking import log_history, stage_run
-from components.training import make_optimizer
 from pipelines import ray_train
 from pipelines.common import repo_root
 from pipelines.semantics import load_labels
 
 
 def setup_classifier(config: dict) -> ray_train.Phase:
-    import ray.train
-    import ray.train.torch
-
     tcfg = MasksConfig.model_validate(config["train"])
     widths = ModelConfig.model_validate(config["model"]).widths
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
     data: SplitArrays = ray.get(config["data_ref"])
-    classes = torch.from_numpy(config["classes"])
+    classes = torch.tensor(config["classes"])
     k = int(classes.max()) + 1
-    device = ray.train.torch.get_device()
     model = MultiLabelClassifier(k, widths, config["encoder_state"])
-    model = ray.train.torch.prepare_model(model)
-    indices = np.arange(rank, len(data), world)
-    steps = math.ceil(len(indices) / tcfg.batch_size)
-    opt, sched = make_optimizer(model, tcfg, steps * tcfg.epochs)
+    w = ray_train.prepare_worker(config, model, len(data), tcfg)
+    model, device, rank, indices = w.model, w.device, w.rank, w.indices
+    steps, opt, sched = w.steps, w.optimizer, w.scheduler
 
     def run_epoch(epoch: int, tick) -> dict:
         model.train()

@@ -10,6 +10,7 @@ Batch order is seeded by (seed, rank, epoch), so a resumed run sees the same bat
 
 from __future__ import annotations
 
+import math
 import sys
 import tempfile
 import time
@@ -17,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from ray.train import Checkpoint, CheckpointConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
@@ -31,6 +33,7 @@ from components.runtime import (
     resolve_use_gpu,
     storage_path,
 )
+from components.training import make_optimizer
 from pipelines.common import repo_root
 
 
@@ -60,6 +63,36 @@ def worker_info(config: dict) -> tuple[int, int, torch.device]:
     return ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device()
 
 
+@dataclass
+class Worker:
+    """What every phase's ``setup`` needs about its process, from :func:`prepare_worker`."""
+
+    rank: int
+    world: int
+    device: torch.device
+    model: torch.nn.Module  # moved to the device; wrapped in DDP when world > 1
+    indices: np.ndarray  # this rank's rows of the training split
+    steps: int  # optimizer steps per epoch
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+
+
+def prepare_worker(config: dict, model: torch.nn.Module, rows: int, tcfg: TrainConfig) -> Worker:
+    """Place ``model``, shard ``rows`` training rows over the ranks and build the optimizer
+    (warm-up then linear decay over ``tcfg.epochs``)."""
+    rank, world, device = worker_info(config)
+    if config.get("standalone"):
+        model = model.to(device)
+    else:
+        import ray.train.torch
+
+        model = ray.train.torch.prepare_model(model)
+    indices = np.arange(rank, rows, world)
+    steps = math.ceil(len(indices) / tcfg.batch_size)
+    opt, sched = make_optimizer(model, tcfg, steps * tcfg.epochs)
+    return Worker(rank, world, device, model, indices, steps, opt, sched)
+
+
 def average_gradients(params, world: int) -> None:
     """All-reduce (mean) the gradients of ``params`` across Ray Train workers, for phases whose
     modules are not wrapped in DDP (e.g. a method holding a student and a teacher)."""
@@ -77,13 +110,14 @@ def worker_loop(config: dict) -> None:
     import ray.train
 
     rank = ray.train.get_context().get_world_rank()
-    run_phase(config, rank, ray.train.get_checkpoint, ray.train.report)
+    run_phase(config, rank, ray.train.get_checkpoint, ray.train.report, Checkpoint)
 
 
-def run_phase(config: dict, rank: int, get_checkpoint, report) -> None:
+def run_phase(config: dict, rank: int, get_checkpoint, report, checkpoint_cls) -> None:
     """Resume from ``get_checkpoint()``, then train; ``report(row, checkpoint=...)`` per epoch.
 
-    ``ray.train``'s pair inside a Train worker, ``ray.tune``'s inside a Tune trial.
+    ``ray.train``'s functions and ``Checkpoint`` inside a Train worker, ``ray.tune``'s inside
+    a Tune trial.
     """
     from ray.experimental.tqdm_ray import tqdm
 
@@ -140,7 +174,7 @@ def run_phase(config: dict, rank: int, get_checkpoint, report) -> None:
                     },
                     Path(d) / "state.pt",
                 )
-                ckpt = Checkpoint.from_directory(d)
+                ckpt = checkpoint_cls.from_directory(d)
             report(row, checkpoint=ckpt)
 
 

@@ -7,7 +7,6 @@ ablation) the same epochs are spent on ``L_seg`` alone, so both variants get the
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +23,7 @@ from components.io import atomic_path
 from components.models.network import _unwrap, build_model, load_trained, save_trained
 from components.runtime import init_ray
 from components.tracking import stage_run
-from components.training import make_optimizer, train_epoch, val_metrics
+from components.training import train_epoch, val_metrics
 from pipelines import ray_train
 from pipelines.common import repo_root
 from pipelines.semantics import load_labels
@@ -44,22 +43,15 @@ def foreground_pixels(features: torch.Tensor, mask: torch.Tensor, cats: torch.Te
 
 
 def setup_init(config: dict) -> ray_train.Phase:
-    import ray.train
-    import ray.train.torch
-
     tcfg = InitConfig.model_validate(config["train"])
     mcfg = ModelConfig.model_validate(config["model"])
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
     train, val = ray.get(config["train_ref"]), ray.get(config["val_ref"])
-    cats = torch.from_numpy(config["categories"])
-    device = ray.train.torch.get_device()
+    cats = torch.tensor(config["categories"])
     model = build_model(mcfg, config["vocab_size"])
     model.load_state_dict(config["init_state"])
-    model = ray.train.torch.prepare_model(model)
-    indices = np.arange(rank, len(train), world)
-    steps = math.ceil(len(indices) / tcfg.batch_size)
-    opt, sched = make_optimizer(model, tcfg, steps * tcfg.epochs)
+    w = ray_train.prepare_worker(config, model, len(train), tcfg)
+    model, device, rank, indices = w.model, w.device, w.rank, w.indices
+    steps, opt, sched = w.steps, w.optimizer, w.scheduler
     k_s = int(cats.max()) + 1
     state = {"protos": torch.zeros(0), "seen": torch.zeros(0, dtype=torch.bool)}
     bank = PrototypeBank(k_s, _unwrap(model).visual.out_channels[-1])

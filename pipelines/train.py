@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import csv
 import logging
-import math
 import tempfile
 import time
 from pathlib import Path
@@ -29,7 +28,7 @@ from components.models.text import load_glove
 from components.plots import training_curves
 from components.runtime import init_ray
 from components.tracking import log_history, stage_run
-from components.training import make_optimizer, train_epoch, val_metrics
+from components.training import train_epoch, val_metrics
 from pipelines import ray_train
 from pipelines.common import repo_root
 
@@ -41,20 +40,13 @@ PHASES = {"pretrain": "source", "oracle": "target"}
 
 def setup_supervised(config: dict) -> ray_train.Phase:
     """Worker side: the base network trained with L_seg (Eq. 10) on one domain's labels."""
-    import ray.train
-    import ray.train.torch
-
     tcfg = TrainConfig.model_validate(config["train"])
     mcfg = ModelConfig.model_validate(config["model"])
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
     train, val = ray.get(config["train_ref"]), ray.get(config["val_ref"])
-    device = ray.train.torch.get_device()
     model = build_model(mcfg, config["vocab_size"], config.get("embeddings"))
-    model = ray.train.torch.prepare_model(model)
-    indices = np.arange(rank, len(train), world)
-    steps = math.ceil(len(indices) / tcfg.batch_size)
-    opt, sched = make_optimizer(model, tcfg, steps * tcfg.epochs)
+    w = ray_train.prepare_worker(config, model, len(train), tcfg)
+    model, device, rank, world, indices = w.model, w.device, w.rank, w.world, w.indices
+    steps, opt, sched = w.steps, w.optimizer, w.scheduler
 
     def run_epoch(epoch: int, tick) -> dict:
         rng = np.random.default_rng((config["seed"], rank, epoch))

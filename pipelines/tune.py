@@ -31,7 +31,6 @@ trial whose values include all the given pairs raise.
 
 from __future__ import annotations
 
-import itertools
 import logging
 import math
 import os
@@ -39,161 +38,31 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
-import numpy as np
-import pandas as pd
 import ray
 import yaml
 from ray import tune
 
-from components.config import Params, SearchDim, TuneConfig, parse_params, set_dotted
+from components.config import Params, parse_params, set_dotted
 from components.data.dataset import load_split
 from components.data.schema import shard_paths
 from components.io import atomic_path, fingerprint, write_json
 from components.models.network import load_trained
-from components.runtime import init_ray, storage_path
+from components.runtime import init_ray, remove_storage, storage_path
 from components.tracking import stage_run, upstream_hashes
 from pipelines import adapt, ray_train, semantics
 from pipelines.common import repo_root
+from pipelines.sweep_report import (
+    best_params_yaml,
+    compact,
+    rank_agreement,
+    sensitivity_plots,
+    trials_table,
+)
+from pipelines.sweep_space import overrides_of, scheduler, search_space
 
 log = logging.getLogger(__name__)
 
-UNSUPERVISED = ("unsup_confidence", "unsup_agreement")
 FAILURE_ENV = "ADASEG_TUNE_INJECT_FAILURE"
-
-
-# --------------------------------------------------------------------------- search space
-def overrides_of(config: dict) -> dict[str, Any]:
-    """A trial config (nested by section, Optuna's ``a/b`` keys, or a grid ``point``) as
-    dotted params overrides ``{"adapt.gamma_max": 0.8, ...}``."""
-    out: dict[str, Any] = {}
-
-    def walk(node: dict, prefix: str) -> None:
-        for key, value in node.items():
-            key = key.replace("/", ".")
-            if key == "point":
-                walk(value, prefix)
-            elif isinstance(value, dict):
-                walk(value, f"{prefix}{key}.")
-            else:
-                out[f"{prefix}{key}"] = value.item() if isinstance(value, np.generic) else value
-
-    walk(config, "")
-    return out
-
-
-def _below(dim: SearchDim, bound: float, rng: np.random.Generator):
-    """A value of ``dim`` strictly below ``bound`` (gamma_min given gamma_max)."""
-    if dim.values is not None:
-        ok = [v for v in dim.values if v < bound]
-        return ok[int(rng.integers(len(ok)))] if ok else min(dim.values)
-    high = min(dim.high, bound - 1e-3)
-    if dim.log:
-        return float(math.exp(rng.uniform(math.log(dim.low), math.log(high))))
-    return float(rng.uniform(dim.low, high))
-
-
-def grid_points(params: Params) -> list[dict[str, Any]]:
-    """The Cartesian product of every entry's ``values``, without gamma_min >= gamma_max."""
-    space = params.tune.flat_space()
-    combos = itertools.product(*(d.values for d in space.values()))
-    points = [dict(zip(space, combo, strict=True)) for combo in combos]
-    gmin, gmax = params.adapt.gamma_min, params.adapt.gamma_max
-    return [p for p in points if p.get("adapt.gamma_min", gmin) < p.get("adapt.gamma_max", gmax)]
-
-
-def optuna_space(params: Params):
-    """Optuna define-by-run space: gamma_max is drawn first, gamma_min below it."""
-    space, seed = params.tune.flat_space(), params.seed
-    gmin_key, gmax_key = "adapt.gamma_min", "adapt.gamma_max"
-    fixed_max = params.adapt.gamma_max if gmax_key not in space else None
-    fixed_min = params.adapt.gamma_min if gmin_key not in space else None
-
-    def define(trial):  # Optuna define-by-run: the pair's order makes the constraint hold
-        chosen: dict[str, Any] = {}
-        fixed: dict[str, Any] = {}  # returned values override what Optuna recorded
-        for key, dim in sorted(space.items(), key=lambda kv: kv[0] == gmin_key):
-            name = key.replace(".", "/")
-            if dim.values is not None:
-                value = trial.suggest_categorical(name, dim.values)
-                bound = chosen.get(gmax_key, fixed_max)
-                if key == gmin_key and value >= bound:  # categorical spaces must stay static
-                    value = fixed[name] = _below(dim, bound, np.random.default_rng(seed))
-            else:
-                low, high = dim.low, dim.high
-                if key == gmin_key:
-                    high = min(high, chosen.get(gmax_key, fixed_max) - 1e-3)
-                if key == gmax_key:
-                    floor = space[gmin_key].candidates() if gmin_key in space else [fixed_min]
-                    low = max(low, min(floor) + 2e-3)
-                value = trial.suggest_float(name, low, high, log=dim.log)
-            chosen[key] = value
-        return fixed or None
-
-    return define
-
-
-def search_space(params: Params):
-    """Tune's ``param_space`` and search algorithm for ``params.tune``."""
-    from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
-
-    tcfg, seed = params.tune, params.seed
-    space = tcfg.flat_space()
-    gmin_key, gmax_key = "adapt.gamma_min", "adapt.gamma_max"
-    # each bound of the pair, where the other is fixed by params instead of swept
-    fixed_max = params.adapt.gamma_max if gmax_key not in space else None
-    fixed_min = params.adapt.gamma_min if gmin_key not in space else None
-
-    if tcfg.search == "grid":
-        return {"point": tune.grid_search(grid_points(params))}, BasicVariantGenerator(
-            random_state=seed
-        )
-
-    if tcfg.search == "random":
-        nested: dict[str, dict] = {}
-        for key, dim in space.items():
-            section, name = key.split(".")
-            if key == gmin_key:
-                gmax = (
-                    (lambda c: c["adapt"]["gamma_max"])
-                    if fixed_max is None
-                    else (lambda c: fixed_max)
-                )
-                dom = tune.sample_from(
-                    lambda spec, d=dim, g=gmax: _below(
-                        d, g(spec.config), np.random.default_rng([seed, int(g(spec.config) * 1e9)])
-                    )
-                )
-            elif dim.values is not None:
-                dom = tune.choice(dim.values)
-            else:
-                low = dim.low
-                if key == gmax_key:  # leave room for a gamma_min below it
-                    floor = space[gmin_key].candidates() if gmin_key in space else [fixed_min]
-                    low = max(low, min(floor) + 2e-3)
-                dom = tune.loguniform(low, dim.high) if dim.log else tune.uniform(low, dim.high)
-            nested.setdefault(section, {})[name] = dom
-        return nested, BasicVariantGenerator(random_state=seed)
-
-    from ray.tune.search.optuna import OptunaSearch
-
-    define = optuna_space(params)
-    searcher = OptunaSearch(space=define, seed=seed)
-    if tcfg.max_concurrent:
-        searcher = ConcurrencyLimiter(searcher, max_concurrent=tcfg.max_concurrent)
-    return {}, searcher
-
-
-def scheduler(tcfg: TuneConfig):
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-
-    if tcfg.scheduler == "fifo":
-        return FIFOScheduler()
-    return ASHAScheduler(
-        time_attr="training_iteration",
-        max_t=tcfg.epochs,
-        grace_period=tcfg.grace_period,
-        reduction_factor=tcfg.reduction_factor,
-    )
 
 
 # --------------------------------------------------------------------------- the trial
@@ -251,7 +120,7 @@ def trial(config: dict, ctx: dict) -> None:
     def report(row: dict, checkpoint=None) -> None:
         tune.report({**row, **extra}, checkpoint=checkpoint)
 
-    ray_train.run_phase(config, 0, tune.get_checkpoint, report)
+    ray_train.run_phase(config, 0, tune.get_checkpoint, report, tune.Checkpoint)
 
 
 # --------------------------------------------------------------------------- MLflow
@@ -297,7 +166,7 @@ class MlflowTrials(tune.Callback):
                 self.client.update_run(run_id, status="RUNNING")
         else:
             values = overrides_of(trial.config)
-            name = " ".join(f"{k.split('.')[-1]}={_short(v)}" for k, v in values.items())
+            name = " ".join(f"{k.split('.')[-1]}={compact(v)}" for k, v in values.items())
             run = self.client.create_run(
                 self.experiment_id,
                 run_name=f"{trial.trial_id} {name}"[:250],
@@ -329,7 +198,10 @@ class MlflowTrials(tune.Callback):
         self.client.log_batch(self.run_id(trial), metrics=metrics)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        self.client.set_terminated(self.run_id(trial), status="FINISHED")
+        # also called for trials stopped before they started: they have no run to close
+        run_id = self.find(trial.trial_id)
+        if run_id:
+            self.client.set_terminated(run_id, status="FINISHED")
 
     def on_trial_error(self, iteration, trials, trial, **info):
         # called once Tune gives up on the trial (after tune.max_failures retries)
@@ -351,102 +223,6 @@ def _reported(key: str) -> bool:
     return key.startswith(("val_", "unsup_", "semantics_", "loss")) or key in ("epoch", "seconds")
 
 
-def _short(v) -> str:
-    return f"{v:.3g}" if isinstance(v, float) else str(v)
-
-
-# --------------------------------------------------------------------------- results
-def trials_table(results, tcfg: TuneConfig, keys: list[str]) -> pd.DataFrame:
-    """One row per trial: status, epochs run, swept values, last reported metrics."""
-    rows = []
-    for r in results:
-        m = r.metrics or {}
-        values = overrides_of(r.config or {})
-        epochs = int(m.get("training_iteration", 0) or 0)
-        status = "ERROR" if r.error else ("COMPLETED" if epochs >= tcfg.epochs else "STOPPED")
-        row = {
-            "trial_id": m.get("trial_id") or Path(r.path).name,  # dirname = trial id
-            "status": status,
-            "epochs": epochs,
-            **{k: values.get(k) for k in keys},
-        }
-        for name in ("val_oiou", "val_miou", "val_map", *UNSUPERVISED):
-            row[name] = float(m[name]) if name in m else float("nan")
-        row["objective"] = row[tcfg.metric]
-        rows.append(row)
-    return pd.DataFrame(rows)
-
-
-def rank_agreement(table: pd.DataFrame) -> dict[str, float]:
-    """Spearman correlation of each label-free criterion with labeled target-val oIoU, over
-    trials that ran every epoch (how well it would rank trials without target labels)."""
-    from scipy.stats import spearmanr
-
-    done = table[table.status == "COMPLETED"]
-    out = {}
-    for name in UNSUPERVISED:
-        ok = done[[name, "val_oiou"]].dropna()
-        if len(ok) >= 3 and ok[name].nunique() > 1 and ok["val_oiou"].nunique() > 1:
-            out[f"spearman_{name}_vs_val_oiou"] = float(spearmanr(ok[name], ok["val_oiou"])[0])
-    return out
-
-
-def best_params_yaml(best: pd.Series, keys: list[str], tcfg: TuneConfig, sweep: str) -> str:
-    overlay: dict[str, dict] = {}
-    for key in keys:
-        section, name = key.split(".")
-        value = best[key]
-        overlay.setdefault(section, {})[name] = value.item() if hasattr(value, "item") else value
-    sets = " ".join(f"-S {k}={_short(best[k])}" for k in keys)
-    header = (
-        f"# best trial {best.trial_id} of sweep {sweep}: {tcfg.metric} = {best.objective:.4f}"
-        f" after {best.epochs} epochs\n# apply: dvc exp run {sets}\n"
-    )
-    return header + yaml.safe_dump(overlay, sort_keys=False)
-
-
-def sensitivity_plots(table: pd.DataFrame, keys: list[str], metric: str, out: Path) -> list[Path]:
-    """The objective against each swept value (Fig. 5 / 6 / 10 style): one line per fixed
-    setting of the other values when they take few distinct values (a grid), else points."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    done = table[table.status != "ERROR"].dropna(subset=["objective"])
-    paths = []
-    for key in keys:
-        others = [k for k in keys if k != key]
-        fig, ax = plt.subplots(figsize=(4.5, 3.2))
-        groups = done.groupby(others, dropna=False) if others else [((), done)]
-        if others and len(done) and done[others].drop_duplicates().shape[0] > 8:
-            groups = [("all trials", done)]
-        for label, g in groups:
-            g = g.sort_values(key)
-            text = (
-                label
-                if isinstance(label, str)
-                else ", ".join(
-                    f"{o.split('.')[-1]}={_short(v)}"
-                    for o, v in zip(others, np.atleast_1d(label), strict=False)
-                )
-            )
-            style = "o" if label == "all trials" else "o-"
-            ax.plot(g[key], g["objective"], style, ms=4, label=text or None)
-        ax.set_xlabel(key)
-        ax.set_ylabel(metric)
-        if key.endswith(("tau", "temperature", "lambda1", "lambda2")) and (done[key] > 0).all():
-            ax.set_xscale("log")
-        if ax.get_legend_handles_labels()[0] and len(ax.get_legend_handles_labels()[0]) <= 6:
-            ax.legend(fontsize=6)
-        fig.tight_layout()
-        path = out / f"sensitivity_{key}.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        paths.append(path)
-    return paths
-
-
 # --------------------------------------------------------------------------- the stage
 def sweep_inputs(data_dir: Path, base: Path, init: Path, sem_dir: Path, masks: Path):
     """The files a sweep starts from (they name it, with the params)."""
@@ -460,10 +236,23 @@ def sweep_inputs(data_dir: Path, base: Path, init: Path, sem_dir: Path, masks: P
 
 
 def sweep_name(params: Params, inputs: list[Path]) -> str:
-    if params.tune.name:
-        return params.tune.name
+    """``<tune.name or "sweep">-<hash of inputs and params>``: re-running the same sweep after
+    a crash resumes it; any change of inputs or params starts a new one."""
     used = params.model_dump(mode="json", include={"seed", "model", "semantics", "adapt", "tune"})
-    return "sweep-" + fingerprint(inputs, used)
+    return f"{params.tune.name or 'sweep'}-{fingerprint(inputs, used)}"
+
+
+def _restorable(path: str) -> bool:
+    """A sweep that got as far as writing its experiment state (``tuner.pkl`` alone is
+    written before the first trial starts, and restoring from it alone loses the space)."""
+    import pyarrow.fs as pafs
+    from ray.tune import Tuner
+
+    if not Tuner.can_restore(path):
+        return False
+    fs, base = pafs.FileSystem.from_uri(path if "://" in path else Path(path).as_uri())
+    found = fs.get_file_info(pafs.FileSelector(base, recursive=False))
+    return any(Path(f.path).name.startswith("experiment_state") for f in found)
 
 
 def run(
@@ -528,11 +317,14 @@ def run(
         },
     )
     path = f"{storage.rstrip('/')}/{name}"
-    if Tuner.can_restore(path):
+    param_space, searcher = search_space(params)
+    if _restorable(path):
         log.info("tune: resuming sweep %s from %s", name, path)
-        tuner = Tuner.restore(path, trainable, resume_unfinished=True)
+        tuner = Tuner.restore(
+            path, trainable, resume_unfinished=True, param_space=param_space or None
+        )
     else:
-        param_space, searcher = search_space(params)
+        remove_storage(path)  # a start that never got to its first trial
         tuner = Tuner(
             trainable,
             param_space=param_space,
@@ -555,11 +347,16 @@ def run(
             ),
         )
     results = tuner.fit()
+    unfinished = _unfinished(results)
+    if unfinished:  # e.g. Ctrl-C: Tune returns early; nothing is written, re-run to resume
+        raise RuntimeError(f"tune: sweep {name} interrupted ({len(unfinished)} trials unfinished)")
     table = trials_table(results, tcfg, keys)
     ok = table[table.status != "ERROR"].dropna(subset=["objective"])
     if ok.empty:
         raise RuntimeError(f"tune: every trial of sweep {name} failed; see {path}")
-    best = ok.sort_values(["objective", "epochs"], ascending=False).iloc[0]
+    # a trial ASHA stopped early is compared at a smaller budget: completed ones first
+    ok = ok.assign(completed=ok.status == "COMPLETED")
+    best = ok.sort_values(["completed", "objective"], ascending=False).iloc[0]
     summary = {
         "trials": len(table),
         "completed": int((table.status == "COMPLETED").sum()),
@@ -584,7 +381,15 @@ def run(
     mlflow.log_metrics({k: v for k, v in summary.items() if math.isfinite(v)})
     mlflow.log_artifacts(str(out), artifact_path="tune")
     mlflow.log_artifacts(str(plots), artifact_path="sensitivity")
+    remove_storage(path)  # outputs are written: the resume state is no longer needed
     return summary
+
+
+def _unfinished(results) -> list[str]:
+    """Trials neither terminated nor errored (Tune's trial states, from its analysis)."""
+    analysis = getattr(results, "_experiment_analysis", None)
+    trials = getattr(analysis, "trials", None) or []
+    return [t.trial_id for t in trials if t.status not in ("TERMINATED", "ERROR")]
 
 
 def main(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -137,3 +138,21 @@ def repo(tmp_path_factory) -> Path:
         subprocess.run(cmd, cwd=dst, check=True)
     run_in(dst, "dvc", "repro")
     return dst
+
+
+def start_killable(repo: Path, cmd: list[str]) -> subprocess.Popen:
+    """Start ``cmd`` in its own process group, so :func:`kill_group` also takes its Ray."""
+    return subprocess.Popen(
+        cmd,
+        cwd=repo,
+        env=repo_env(repo),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL the process and everything it started (a crash, as the OS would do it)."""
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()

@@ -8,9 +8,7 @@ resume of a killed training stage, and that bad data fails cleanly without parti
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
 import subprocess
 import time
 from pathlib import Path
@@ -21,7 +19,7 @@ import pytest
 
 from components.data.schema import decode_rle
 from components.metrics import referring_metrics
-from tests.conftest import repo_env as _env
+from tests.conftest import kill_group, start_killable
 from tests.conftest import run_in as _run
 
 pytestmark = pytest.mark.slow
@@ -179,15 +177,7 @@ def test_killed_training_stage_resumes(repo):
         "--plots",
         "resume/p.csv",
     ]
-    proc = subprocess.Popen(
-        cmd,
-        cwd=repo,
-        env=_env(repo),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
+    proc = start_killable(repo, cmd)
     storage = repo / ".adaseg/ray_results"
 
     def registered() -> bool:
@@ -199,8 +189,7 @@ def test_killed_training_stage_resumes(repo):
     while time.time() < deadline and not registered():
         time.sleep(0.5)
     assert registered(), "no checkpoint was registered"
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_group(proc)
     assert not (repo / "resume/model").exists()  # nothing half-written
 
     out = _run(repo, *cmd)

@@ -8,8 +8,6 @@ and a bad search space refused before any trial.
 
 from __future__ import annotations
 
-import os
-import signal
 import sqlite3
 import subprocess
 import time
@@ -22,8 +20,9 @@ import pytest
 import yaml
 
 from components.config import SearchDim, parse_params
+from pipelines import sweep_report, sweep_space
 from pipelines import tune as sweep
-from tests.conftest import TINY_TUNE, repo_env, run_in
+from tests.conftest import TINY_TUNE, kill_group, repo_env, run_in, start_killable
 
 
 def _params(raw: dict, **tune):
@@ -35,7 +34,7 @@ def _params(raw: dict, **tune):
 # --------------------------------------------------------------------------- fast
 def test_grid_drops_pairs_with_gamma_min_not_below_gamma_max(tiny_raw):
     space = {"adapt": {"gamma_max": {"values": [0.3, 0.9]}, "gamma_min": {"values": [0.1, 0.5]}}}
-    points = sweep.grid_points(_params(tiny_raw, search="grid", space=space))
+    points = sweep_space.grid_points(_params(tiny_raw, search="grid", space=space))
     assert {(p["adapt.gamma_min"], p["adapt.gamma_max"]) for p in points} == {
         (0.1, 0.3),
         (0.1, 0.9),
@@ -47,16 +46,16 @@ def test_random_gamma_min_is_sampled_below_gamma_max():
     dim = SearchDim(low=0.05, high=0.9)
     rng = np.random.default_rng(0)
     for bound in np.linspace(0.1, 0.95, 40):
-        value = sweep._below(dim, bound, rng)
+        value = sweep_space._below(dim, bound, rng)
         assert 0.05 <= value < bound
-    assert sweep._below(SearchDim(values=[0.1, 0.5, 0.8]), 0.6, rng) in (0.1, 0.5)
+    assert sweep_space._below(SearchDim(values=[0.1, 0.5, 0.8]), 0.6, rng) in (0.1, 0.5)
 
 
 def test_optuna_space_keeps_gamma_min_below_gamma_max(tiny_raw):
     space = {
         "adapt": {"gamma_max": {"low": 0.2, "high": 0.9}, "gamma_min": {"low": 0.1, "high": 0.8}}
     }
-    define = sweep.optuna_space(_params(tiny_raw, search="optuna", space=space))
+    define = sweep_space.optuna_space(_params(tiny_raw, search="optuna", space=space))
     study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(0))
     for _ in range(50):
         trial = study.ask()
@@ -66,11 +65,42 @@ def test_optuna_space_keeps_gamma_min_below_gamma_max(tiny_raw):
         study.tell(trial, 0.0)
 
 
+@pytest.mark.parametrize("order", ["max_first", "min_first"])
+def test_random_space_samples_valid_gamma_pairs_and_integers(tiny_raw, order):
+    from ray.tune.search.variant_generator import generate_variants
+
+    pair = [("gamma_max", {"low": 0.2, "high": 0.9}), ("gamma_min", {"low": 0.1, "high": 0.8})]
+    adapt = dict(pair if order == "max_first" else pair[::-1])
+    adapt["pixels"] = {"low": 64, "high": 512}
+    params = _params(tiny_raw, search="random", space={"adapt": adapt})
+    space, _ = sweep_space.search_space(params)
+    for _ in range(30):
+        _, config = next(generate_variants(space))
+        values = sweep_space.overrides_of(config)
+        assert values["adapt.gamma_min"] < values["adapt.gamma_max"]
+        assert isinstance(values["adapt.pixels"], int) and 64 <= values["adapt.pixels"] <= 512
+
+
+def test_optuna_searcher_suggests_without_a_param_space(tiny_raw):
+    space = {"adapt": {"gamma_max": {"low": 0.5, "high": 0.9}, "lambda1": {"values": [0.5, 1]}}}
+    params = _params(tiny_raw, search="optuna", space=space)
+    param_space, searcher = sweep_space.search_space(params)
+    assert param_space == {}  # Tune then never hands metric / mode to the searcher itself
+    config = searcher.suggest("trial-1")
+    assert set(sweep_space.overrides_of(config)) == {"adapt.gamma_max", "adapt.lambda1"}
+
+
+def test_grid_repeats_use_successive_seeds(tiny_raw):
+    params = _params(tiny_raw, num_samples=2)
+    points = sweep_space.grid_points(params)
+    assert len(points) == 8 and {p["seed"] for p in points} == {params.seed, params.seed + 1}
+
+
 def test_trial_config_becomes_dotted_overrides():
     nested = {"semantics": {"tau": np.float64(0.3)}, "adapt": {"lambda1": 2.0}}
-    assert sweep.overrides_of(nested) == {"semantics.tau": 0.3, "adapt.lambda1": 2.0}
-    assert sweep.overrides_of({"adapt/gamma_max": 0.8}) == {"adapt.gamma_max": 0.8}
-    assert sweep.overrides_of({"point": {"adapt.lambda2": 0.5}}) == {"adapt.lambda2": 0.5}
+    assert sweep_space.overrides_of(nested) == {"semantics.tau": 0.3, "adapt.lambda1": 2.0}
+    assert sweep_space.overrides_of({"adapt/gamma_max": 0.8}) == {"adapt.gamma_max": 0.8}
+    assert sweep_space.overrides_of({"point": {"adapt.lambda2": 0.5}}) == {"adapt.lambda2": 0.5}
 
 
 def test_best_params_file_is_a_params_overlay(tiny_raw, tmp_path):
@@ -89,13 +119,13 @@ def test_best_params_file_is_a_params_overlay(tiny_raw, tmp_path):
     )
     table["objective"] = table["val_oiou"]
     keys = ["semantics.tau", "adapt.gamma_max"]
-    text = sweep.best_params_yaml(table.iloc[2], keys, params.tune, "s")
+    text = sweep_report.best_params_yaml(table.iloc[2], keys, params.tune, "s")
     assert yaml.safe_load(text) == {"semantics": {"tau": 0.5}, "adapt": {"gamma_max": 0.9}}
     assert "-S semantics.tau=0.5 -S adapt.gamma_max=0.9" in text
-    plots = sweep.sensitivity_plots(table, keys, "val_oiou", tmp_path)
+    plots = sweep_report.sensitivity_plots(table, keys, "val_oiou", tmp_path)
     assert [p.name for p in plots] == [f"sensitivity_{k}.png" for k in keys]
     assert all(p.stat().st_size > 0 for p in plots)
-    assert "spearman_unsup_confidence_vs_val_oiou" not in sweep.rank_agreement(table)  # < 3
+    assert "spearman_unsup_confidence_vs_val_oiou" not in sweep_report.rank_agreement(table)  # < 3
 
 
 @pytest.mark.parametrize(
@@ -107,7 +137,10 @@ def test_best_params_file_is_a_params_overlay(tiny_raw, tmp_path):
         ({"space": {"adapt": {"lambda1": {"low": 2, "high": 1}}}}, "low (2.0) must be < high"),
         ({"space": {"semantics": {"tau": {"values": [0.1, -1]}}}}, "value -1 is refused"),
         ({"space": {"semantics": {"tau": {"low": 0, "high": 1, "log": True}}}}, "needs low > 0"),
-        ({"space": {"adapt": {"gamma_min": {"values": [0.95]}}}}, "no gamma_min (0.95) below"),
+        (
+            {"space": {"adapt": {"gamma_min": {"values": [0.95]}}}},
+            "no gamma_min below it (smallest gamma_min: 0.95)",
+        ),
         ({"metric": "accuracy"}, "tune.metric"),
         (
             {"search": "grid", "space": {"adapt": {"lambda1": {"low": 0.1, "high": 1}}}},
@@ -130,9 +163,9 @@ def _children(repo: Path, sweep_id: str) -> pd.DataFrame:
 
     mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlruns.db'}")
     runs = mlflow.search_runs(experiment_names=["adaseg"])
-    parents = runs[
-        (runs["tags.adaseg.stage"] == "tune") & (runs["tags.adaseg.sweep_id"] == sweep_id)
-    ]
+    # sweep ids are "<tune.name>-<hash of inputs and params>"
+    ids = runs["tags.adaseg.sweep_id"].fillna("")
+    parents = runs[(runs["tags.adaseg.stage"] == "tune") & ids.str.startswith(f"{sweep_id}-")]
     assert len(parents) == 1, "one parent run per sweep"
     return runs[runs["tags.mlflow.parentRunId"] == parents["run_id"].iloc[0]]
 
@@ -177,7 +210,8 @@ def test_dvc_repro_tune_runs_the_sweep_and_tracks_every_trial(repo):
         (0.5, 0.9),
     ]
     assert table["val_oiou"].notna().all() and table["unsup_agreement"].notna().all()
-    best = table.sort_values(["objective", "epochs"], ascending=False).iloc[0]
+    done = table.assign(completed=table.status == "COMPLETED")
+    best = done.sort_values(["completed", "objective"], ascending=False).iloc[0]
     overlay = yaml.safe_load((repo / "tune/best_params.yaml").read_text())
     assert overlay == {
         "semantics": {"tau": best["semantics.tau"]},
@@ -189,7 +223,7 @@ def test_dvc_repro_tune_runs_the_sweep_and_tracks_every_trial(repo):
     for key in ("semantics.tau", "adapt.gamma_max"):
         assert (repo / f"plots/tune/sensitivity_{key}.png").is_file()
 
-    children = _children(repo, _sweep_id(repo))
+    children = _children(repo, "sweep")  # tune.name: null
     assert len(children) == 4 and set(children.status) == {"FINISHED"}
     assert set(children["tags.adaseg.trial_id"]) == set(table.trial_id)
     assert set(children["params.adapt.gamma_max"].astype(float)) == {0.8, 0.9}
@@ -202,15 +236,6 @@ def test_dvc_repro_tune_runs_the_sweep_and_tracks_every_trial(repo):
     assert reclustered["metrics.semantics_k_s"].notna().all()
     kept = children[children["params.semantics.tau"].astype(float) == 0.2]
     assert "metrics.semantics_k_s" not in kept or kept["metrics.semantics_k_s"].isna().all()
-
-
-def _sweep_id(repo: Path) -> str:
-    import mlflow
-
-    mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlruns.db'}")
-    runs = mlflow.search_runs(experiment_names=["adaseg"])
-    tune_runs = runs[runs["tags.adaseg.stage"] == "tune"].sort_values("start_time")
-    return tune_runs["tags.adaseg.sweep_id"].iloc[-1]
 
 
 @pytest.mark.slow
@@ -242,14 +267,7 @@ def test_killed_sweep_resumes_without_rerunning_or_duplicating(repo):
         "resume",
         *("-S", "tune.epochs=3", "-S", "tune.scheduler=fifo", "-S", "tune.max_concurrent=1"),
     )
-    proc = subprocess.Popen(
-        cmd,
-        cwd=repo,
-        env=repo_env(repo),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    proc = start_killable(repo, cmd)
 
     def finished() -> list[str]:
         """Trial ids whose child run is FINISHED (read-only peek at the SQLite store)."""
@@ -270,15 +288,16 @@ def test_killed_sweep_resumes_without_rerunning_or_duplicating(repo):
     while time.time() < deadline and not finished():
         time.sleep(1)
     assert finished(), "no trial finished before the deadline"
-    time.sleep(3)  # let Tune write its experiment state after that trial
-    os.killpg(proc.pid, signal.SIGKILL)
+    # Tune writes its experiment state at least every 10 s; either way the finished trial
+    # must not train again (if the state predates its end, it resumes from its last epoch)
+    time.sleep(11)
+    kill_group(proc)
     done_before = finished()
     assert len(done_before) < 4, "the sweep ended before it could be killed"
-    proc.wait()
     assert not (repo / "resume/tune").exists()  # nothing half-written
 
     out = run_in(repo, *cmd)
-    assert "resuming sweep resumed" in out.stdout + out.stderr
+    assert "resuming sweep resumed-" in out.stdout + out.stderr
     table = pd.read_parquet(repo / "resume/tune/trials.parquet")
     assert len(table) == 4 and (table.status == "COMPLETED").all()
     children = _children(repo, "resumed")
@@ -306,4 +325,4 @@ def test_bad_search_space_is_refused_before_any_trial(repo):
         assert proc.returncode == 2, override
         assert message in proc.stderr, proc.stderr
     assert not (repo / "bad").exists()
-    assert not (repo / ".adaseg/ray_results/tune/bad").exists()
+    assert not list((repo / ".adaseg/ray_results/tune").glob("bad-*"))
