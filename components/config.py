@@ -240,6 +240,8 @@ class AdaptConfig(TrainConfig):
         return self
 
 
+#: every gamma_max a sweep draws stays this far above the smallest gamma_min of its space
+GAMMA_MARGIN = 2e-3
 TUNABLE_SECTIONS = ("semantics", "adapt")  # what a sweep trial re-runs (see pipelines/tune.py)
 TUNE_METRICS = ("val_oiou", "val_miou", "val_map", "unsup_confidence", "unsup_agreement")
 
@@ -370,13 +372,11 @@ def _check_space(params: Params) -> list[str]:
     floor = min(space["adapt.gamma_min"].candidates()) if "adapt.gamma_min" in space else None
     floor = params.adapt.gamma_min if floor is None else floor
     gmax = space.get("adapt.gamma_max")
-    tight = (
-        [v for v in gmax.values if v <= floor + 2e-3]
-        if gmax is not None and gmax.values is not None
-        else ([gmax.high] if gmax is not None and gmax.high <= floor + 2e-3 else [])
-    )
-    if gmax is None and params.adapt.gamma_max <= floor + 2e-3:
-        tight = [params.adapt.gamma_max]
+    if gmax is None:
+        tops = [params.adapt.gamma_max]
+    else:
+        tops = gmax.values if gmax.values is not None else [gmax.high]
+    tight = [v for v in tops if v <= floor + GAMMA_MARGIN]
     if tight:
         errors.append(
             f"tune.space.adapt.gamma_max: {tight[0]} leaves no gamma_min below it "

@@ -59,9 +59,14 @@ def cpus_per_worker(num_workers: int) -> int:
 
 def storage_path(cfg: RuntimeConfig, root: Path) -> str:
     """Absolute Ray storage path (Ray refuses relative ones); URIs pass through."""
-    if "://" in cfg.storage_path:
-        return cfg.storage_path
-    path = Path(cfg.storage_path)
+    return resolve_storage(cfg.storage_path, root)
+
+
+def resolve_storage(path_or_uri: str, root: Path) -> str:
+    """``path_or_uri`` made absolute against ``root``; URIs (``s3://...``) pass through."""
+    if "://" in path_or_uri:
+        return path_or_uri
+    path = Path(path_or_uri)
     return str(path if path.is_absolute() else (root / path).resolve())
 
 

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 from ray import tune
 
-from components.config import Params, SearchDim, TuneConfig
+from components.config import GAMMA_MARGIN, Params, SearchDim, TuneConfig
 
 
 def overrides_of(config: dict) -> dict[str, Any]:
@@ -33,10 +33,6 @@ def overrides_of(config: dict) -> dict[str, Any]:
 
     walk(config, "")
     return out
-
-
-#: gamma_max keeps at least this much room above the smallest gamma_min of the space
-GAMMA_MARGIN = 2e-3
 
 
 def int_keys(params: Params) -> set[str]:

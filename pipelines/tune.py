@@ -47,7 +47,7 @@ from components.data.dataset import load_split
 from components.data.schema import shard_paths
 from components.io import atomic_path, fingerprint, write_json
 from components.models.network import load_trained
-from components.runtime import init_ray, remove_storage, storage_path
+from components.runtime import init_ray, remove_storage, resolve_storage, storage_path
 from components.tracking import stage_run, upstream_hashes
 from pipelines import adapt, ray_train, semantics
 from pipelines.common import repo_root
@@ -271,9 +271,11 @@ def run(
     from ray.tune import TuneConfig as RayTuneConfig
 
     tcfg, root = params.tune, repo_root()
-    storage = tcfg.storage_path or f"{storage_path(params.runtime, root).rstrip('/')}/tune"
-    if "://" not in storage:
-        storage = str(Path(storage) if Path(storage).is_absolute() else (root / storage).resolve())
+    storage = (
+        resolve_storage(tcfg.storage_path, root)
+        if tcfg.storage_path
+        else f"{storage_path(params.runtime, root).rstrip('/')}/tune"
+    )
     keys = list(tcfg.flat_space())
 
     vocab, (source, target, val), labels = adapt.load_inputs(params, data_dir, sem_dir, masks)
@@ -305,16 +307,14 @@ def run(
 
     active = mlflow.active_run()
     parent = active.info.run_id
-    mlflow.set_tags({"adaseg.sweep_id": name, **upstream_hashes(root)})
+    upstream = upstream_hashes(root)
+    mlflow.set_tags({"adaseg.sweep_id": name, **upstream})
     callback = MlflowTrials(
         mlflow.get_tracking_uri(),
         active.info.experiment_id,
         parent,
         name,
-        {
-            "adaseg.pipeline_id": active.data.tags.get("adaseg.pipeline_id", ""),
-            **upstream_hashes(root),
-        },
+        {"adaseg.pipeline_id": active.data.tags.get("adaseg.pipeline_id", ""), **upstream},
     )
     path = f"{storage.rstrip('/')}/{name}"
     param_space, searcher = search_space(params)
