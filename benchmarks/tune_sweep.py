@@ -84,7 +84,7 @@ def sensitivity(repo: Path, args) -> None:
     import matplotlib.pyplot as plt
 
     curves = {}
-    for key, values in (("semantics.tau", TAUS), ("semantics.beta", BETAS)):
+    for key, values in (("semantics.tau", args.taus), ("semantics.beta", args.betas)):
         section, field = key.split(".")
         space = json.dumps({section: {field: {"values": values}}})
         r = sweep(
@@ -125,6 +125,8 @@ def main() -> None:
     p.add_argument("--num-samples", type=int, default=16)
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--cpus-per-trial", type=float, default=1.0)
+    p.add_argument("--taus", type=float, nargs="+", default=TAUS, help="sensitivity: tau grid")
+    p.add_argument("--betas", type=float, nargs="+", default=BETAS, help="sensitivity: beta grid")
     args = p.parse_args()
     RESULTS.mkdir(exist_ok=True)
     (asha if args.what == "asha" else sensitivity)(args.repo.resolve(), args)

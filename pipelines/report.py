@@ -71,7 +71,8 @@ def _exp_rows(node, rows: list) -> None:
     params = (data.get("params") or {}).get("params.yaml", {}).get("data")
     evals = (data.get("metrics") or {}).get("metrics/eval.json", {}).get("data")
     if params and evals:
-        rows.append((node.get("name") or str(node.get("rev", ""))[:7], params, evals))
+        rev = str(node.get("rev", ""))
+        rows.append((node.get("name") or (rev if rev == "workspace" else rev[:7]), params, evals))
     for key in ("experiments", "revs"):
         _exp_rows(node.get(key), rows)
 

@@ -35,8 +35,13 @@ def test_ablation_table_from_exp_show_json():
             },
         }
 
-    exp_show = [
-        {**node("workspace", 0.1, True, 0.4), "experiments": None},
+    exp_show = [  # as dvc writes it: the workspace has a rev but no name
+        {
+            **node("workspace", 0.1, True, 0.4),
+            "rev": "workspace",
+            "name": None,
+            "experiments": None,
+        },
         {
             **node("main", 0.1, True, 0.4),
             "experiments": [
