@@ -8,6 +8,7 @@ paths live in ``dvc.yaml`` only).
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
 
@@ -30,76 +31,133 @@ def _parser() -> argparse.ArgumentParser:
         help="override a param, e.g. -S pretrain.epochs=3 (repeatable)",
     )
     sub = p.add_subparsers(dest="command", required=True)
-
-    s = sub.add_parser("prepare", help="generate the embedded cross-domain benchmark")
-    s.add_argument("--out", required=True)
-    s.add_argument("--metrics")
-
-    for phase, what in (
-        ("pretrain", "source-only training (SDA stage 1)"),
-        ("oracle", "target-supervised upper bound"),
-    ):
-        s = sub.add_parser(phase, help=what)
-        s.add_argument("--data", required=True)
-        s.add_argument("--out", required=True)
-        s.add_argument("--metrics", required=True)
-        s.add_argument("--plots", required=True)
-
-    s = sub.add_parser("semantics", help="SDA content-aware semantic modeling (CSM)")
-    s.add_argument("--data", required=True)
-    s.add_argument("--model", required=True, help="the stage-1 model folder")
-    s.add_argument("--out", required=True)
-    s.add_argument("--metrics", required=True)
-
-    s = sub.add_parser("init", help="SDA stage 2: L_seg + L_si from the stage-1 model")
-    s.add_argument("--data", required=True)
-    s.add_argument("--base", required=True, help="the stage-1 model folder")
-    s.add_argument("--semantics", required=True)
-    s.add_argument("--out", required=True)
-    s.add_argument("--metrics", required=True)
-    s.add_argument("--plots", required=True)
-
-    s = sub.add_parser("masks", help="SDA semantic-based target masks (classifier + CAM)")
-    s.add_argument("--data", required=True)
-    s.add_argument("--base", required=True, help="the stage-1 model (encoder initialisation)")
-    s.add_argument("--semantics", required=True)
-    s.add_argument("--out", required=True)
-    s.add_argument("--metrics", required=True)
-
-    s = sub.add_parser("adapt", help="stage 3: adapt to the target (adapt.method)")
-    s.add_argument("--data", required=True)
-    s.add_argument("--init", required=True, help="the stage-2 model folder")
-    s.add_argument("--semantics", required=True)
-    s.add_argument("--masks", required=True)
-    s.add_argument("--out", required=True)
-    s.add_argument("--metrics", required=True)
-    s.add_argument("--plots", required=True)
-    s.add_argument("--figures", help="folder for the t-SNE and reciprocal-mask figures")
-
-    s = sub.add_parser("tune", help="Ray Tune sweep over SDA temperatures and thresholds")
-    s.add_argument("--data", required=True)
-    s.add_argument("--base", required=True, help="the stage-1 model folder (for CSM)")
-    s.add_argument("--init", required=True, help="the stage-2 model folder")
-    s.add_argument("--semantics", required=True)
-    s.add_argument("--masks", required=True)
-    s.add_argument("--out", required=True, help="folder: best_params.yaml, trials.parquet")
-    s.add_argument("--plots", required=True, help="folder: sensitivity plots")
-    s.add_argument("--metrics", required=True)
-
-    s = sub.add_parser("evaluate", help="evaluate trained models on source val / target test")
-    s.add_argument("--data", required=True)
-    s.add_argument("--models", nargs="+", required=True, help="model folders; name = folder name")
-    s.add_argument("--metrics", required=True, help="eval.json: model -> split -> metric")
-    s.add_argument("--predictions", required=True)
-    s.add_argument("--overlays", required=True)
-
-    s = sub.add_parser("report", help="markdown + CSV table of all evaluated models")
-    s.add_argument("--eval", required=True)
-    s.add_argument("--out", required=True)
-    s.add_argument("--experiments", help="`dvc exp show --json` output: add ablations.md")
-
-    sub.add_parser("validate", help="validate the params file and exit")
+    for name, (_, what, options) in COMMANDS.items():
+        s = sub.add_parser(name, help=what)
+        s.set_defaults(stage_kwargs=[dest for _, dest, _ in options])
+        for flag, dest, kwargs in options:
+            s.add_argument(flag, dest=dest, **kwargs)
+    sub.add_parser("validate", help="validate the params file and exit").set_defaults(
+        stage_kwargs=[]
+    )
     return p
+
+
+def _opt(flag: str, dest: str | None = None, required: bool = True, **kwargs) -> tuple:
+    """One option: ``--flag`` fills the stage function's keyword ``dest`` (default: flag)."""
+    name = flag.lstrip("-")
+    return flag, dest or name, {"required": required, "metavar": name.upper(), **kwargs}
+
+
+#: command -> (module whose ``main(params, **options)`` runs it, help, options). pretrain and
+#: oracle share ``pipelines.train`` and pass their own name as ``phase``.
+COMMANDS: dict[str, tuple[str, str, list[tuple]]] = {
+    "prepare": (
+        "prepare",
+        "generate the embedded cross-domain benchmark",
+        [_opt("--out"), _opt("--metrics", required=False)],
+    ),
+    **{
+        phase: (
+            "train",
+            what,
+            [_opt("--data"), _opt("--out"), _opt("--metrics"), _opt("--plots")],
+        )
+        for phase, what in (
+            ("pretrain", "source-only training (SDA stage 1)"),
+            ("oracle", "target-supervised upper bound"),
+        )
+    },
+    "semantics": (
+        "semantics",
+        "SDA content-aware semantic modeling (CSM)",
+        [
+            _opt("--data"),
+            _opt("--model", help="the stage-1 model folder"),
+            _opt("--out"),
+            _opt("--metrics"),
+        ],
+    ),
+    "init": (
+        "semantic_init",
+        "SDA stage 2: L_seg + L_si from the stage-1 model",
+        [
+            _opt("--data"),
+            _opt("--base", help="the stage-1 model folder"),
+            _opt("--semantics"),
+            _opt("--out"),
+            _opt("--metrics"),
+            _opt("--plots"),
+        ],
+    ),
+    "masks": (
+        "masks",
+        "SDA semantic-based target masks (classifier + CAM)",
+        [
+            _opt("--data"),
+            _opt("--base", help="the stage-1 model (encoder initialisation)"),
+            _opt("--semantics"),
+            _opt("--out"),
+            _opt("--metrics"),
+        ],
+    ),
+    "adapt": (
+        "adapt",
+        "stage 3: adapt to the target (adapt.method)",
+        [
+            _opt("--data"),
+            _opt("--init", help="the stage-2 model folder"),
+            _opt("--semantics"),
+            _opt("--masks"),
+            _opt("--out"),
+            _opt("--metrics"),
+            _opt("--plots"),
+            _opt(
+                "--figures",
+                "figures_dir",
+                required=False,
+                help="folder for the t-SNE and reciprocal-mask figures",
+            ),
+        ],
+    ),
+    "tune": (
+        "tune",
+        "Ray Tune sweep over SDA temperatures and thresholds",
+        [
+            _opt("--data"),
+            _opt("--base", help="the stage-1 model folder (for CSM)"),
+            _opt("--init", help="the stage-2 model folder"),
+            _opt("--semantics", "sem_dir"),
+            _opt("--masks"),
+            _opt("--out", help="folder: best_params.yaml, trials.parquet"),
+            _opt("--plots", help="folder: sensitivity plots"),
+            _opt("--metrics"),
+        ],
+    ),
+    "evaluate": (
+        "evaluate",
+        "evaluate trained models on source val / target test",
+        [
+            _opt("--data"),
+            _opt("--models", nargs="+", help="model folders; name = folder name"),
+            _opt("--metrics", help="eval.json: model -> split -> metric"),
+            _opt("--predictions"),
+            _opt("--overlays"),
+        ],
+    ),
+    "report": (
+        "report",
+        "markdown + CSV table of all evaluated models",
+        [
+            _opt("--eval", "eval_path"),
+            _opt("--out"),
+            _opt(
+                "--experiments",
+                required=False,
+                help="`dvc exp show --json` output: add ablations.md",
+            ),
+        ],
+    ),
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -109,68 +167,19 @@ def main(argv: list[str] | None = None) -> int:
         params = read_params(args.params, args.set)
         if args.command == "validate":
             print(f"{args.params}: ok")
-        elif args.command == "prepare":
-            from pipelines import prepare
-
-            prepare.main(params, args.out, args.metrics)
-        elif args.command in ("pretrain", "oracle"):
-            from pipelines import train
-
-            train.main(params, args.command, args.data, args.out, args.metrics, args.plots)
-        elif args.command == "semantics":
-            from pipelines import semantics
-
-            semantics.main(params, args.data, args.model, args.out, args.metrics)
-        elif args.command == "init":
-            from pipelines import semantic_init
-
-            semantic_init.main(
-                params, args.data, args.base, args.semantics, args.out, args.metrics, args.plots
-            )
-        elif args.command == "masks":
-            from pipelines import masks
-
-            masks.main(params, args.data, args.base, args.semantics, args.out, args.metrics)
-        elif args.command == "adapt":
-            from pipelines import adapt
-
-            adapt.main(
-                params,
-                args.data,
-                args.init,
-                args.semantics,
-                args.masks,
-                args.out,
-                args.metrics,
-                args.plots,
-                args.figures,
-            )
-        elif args.command == "tune":
-            from pipelines import tune
-
-            tune.main(
-                params,
-                args.data,
-                args.base,
-                args.init,
-                args.semantics,
-                args.masks,
-                args.out,
-                args.plots,
-                args.metrics,
-            )
-        elif args.command == "evaluate":
-            from pipelines import evaluate
-
-            evaluate.main(
-                params, args.data, args.models, args.metrics, args.predictions, args.overlays
-            )
-        elif args.command == "report":
-            from pipelines import report
-
-            report.main(params, args.eval, args.out, args.experiments)
+            return 0
+        module_name = COMMANDS[args.command][0]
+        kwargs = {dest: getattr(args, dest) for dest in args.stage_kwargs}
+        if module_name == "train":
+            kwargs["phase"] = args.command
+        # Stage modules import torch / Ray / MLflow: only the one that runs is loaded.
+        module = importlib.import_module(f"pipelines.{module_name}")
+        module.main(params, **kwargs)
     except (ParamsError, DataError) as err:
         print(f"adaseg {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as err:  # an input path that does not exist
+        print(f"adaseg {args.command}: error: no such file: {err.filename or err}", file=sys.stderr)
         return 2
     return 0
 
