@@ -2,6 +2,7 @@
 source-only vs oracle figures (mean and spread over seeds).
 
     python benchmarks/repro_seeds.py --seeds 0 1 2
+    python benchmarks/repro_seeds.py --seeds 1 --keep /tmp/repos  # keep /tmp/repos/seed1
 
 Writes benchmarks/results/repro_seeds.json and prints a markdown table.
 """
@@ -9,6 +10,7 @@ Writes benchmarks/results/repro_seeds.json and prints a markdown table.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -62,6 +64,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("-S", "--set", action="append", default=[], help="key=value (YAML)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/repro_seeds.json"))
+    ap.add_argument("--keep", type=Path, help="keep each repository as KEEP/seed<N>")
     args = ap.parse_args()
     overrides = {k: yaml.safe_load(v) for k, _, v in (s.partition("=") for s in args.set)}
     env = dict(os.environ)
@@ -70,7 +73,12 @@ def main() -> None:
         env.pop(var, None)
     runs = []
     for seed in args.seeds:
-        with tempfile.TemporaryDirectory() as d:
+        with contextlib.ExitStack() as stack:
+            if args.keep:
+                d = args.keep / f"seed{seed}"
+                d.mkdir(parents=True)  # refuses to reuse an old one
+            else:
+                d = stack.enter_context(tempfile.TemporaryDirectory())
             fresh_copy(Path(d), seed, overrides)
             res = run_measured(["dvc", "repro"], cwd=d, env=env)
             if res["returncode"] != 0:
@@ -82,10 +90,15 @@ def main() -> None:
                 "seed": seed,
                 "wall_s": res["wall_s"],
                 "peak_rss_mib": res["peak_rss_mib"],
+                "peak_pss_mib": res["peak_pss_mib"],
                 "eval": evals,
             }
         )
-        print(f"seed {seed}: {res['wall_s']:.0f} s, peak {res['peak_rss_mib']:.0f} MiB", flush=True)
+        print(
+            f"seed {seed}: {res['wall_s']:.0f} s, peak RSS {res['peak_rss_mib']:.0f} MiB,"
+            f" PSS {res['peak_pss_mib']:.0f} MiB",
+            flush=True,
+        )
 
     summary = {}
     for model in runs[0]["eval"]:
@@ -105,6 +118,7 @@ def main() -> None:
     summary["source_only_over_oracle_target_oiou"] = ms(ratio)
     summary["wall_s"] = ms([r["wall_s"] for r in runs])
     summary["peak_rss_mib"] = ms([r["peak_rss_mib"] for r in runs])
+    summary["peak_pss_mib"] = ms([r["peak_pss_mib"] for r in runs])
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(
         json.dumps({"overrides": overrides, "runs": runs, "summary": summary}, indent=2) + "\n"
@@ -118,7 +132,7 @@ def main() -> None:
                 for k in KEYS
             ]
             print(f"| {model} | {split} | " + " | ".join(cells) + " |")
-    for k in ("source_only_over_oracle_target_oiou", "wall_s", "peak_rss_mib"):
+    for k in ("source_only_over_oracle_target_oiou", "wall_s", "peak_rss_mib", "peak_pss_mib"):
         print(f"{k}: {summary[k]['mean']:.3f} ± {summary[k]['std']:.3f}")
 
 
