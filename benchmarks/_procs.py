@@ -32,8 +32,9 @@ def run_measured(cmd: list[str], cwd, env=None, interval: float = 0.5) -> dict:
                 procs = [root, *root.children(recursive=True)]
                 total = pss = 0
                 for p in procs:
-                    with contextlib.suppress(psutil.Error, AttributeError):
+                    with contextlib.suppress(psutil.Error):
                         total += p.memory_info().rss
+                    with contextlib.suppress(psutil.Error, AttributeError):
                         pss += p.memory_full_info().pss  # AttributeError: no PSS off Linux
                 peak, peak_pss = max(peak, total), max(peak_pss, pss)
             except psutil.Error:

@@ -160,6 +160,10 @@ COMMANDS: dict[str, tuple[str, str, list[tuple]]] = {
 }
 
 
+def _paths(value) -> list:
+    return [] if value is None else value if isinstance(value, list) else [value]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     setup_logging()
@@ -178,8 +182,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ParamsError, DataError) as err:
         print(f"adaseg {args.command}: error: {err}", file=sys.stderr)
         return 2
-    except FileNotFoundError as err:  # an input path that does not exist
-        print(f"adaseg {args.command}: error: no such file: {err.filename or err}", file=sys.stderr)
+    except FileNotFoundError as err:
+        given = [str(v) for dest in args.stage_kwargs for v in _paths(getattr(args, dest))]
+        if not any(str(err.filename or "").startswith(g) for g in given):
+            raise  # not one of the paths on the command line: a bug, keep the traceback
+        print(f"adaseg {args.command}: error: no such file: {err.filename}", file=sys.stderr)
         return 2
     return 0
 

@@ -33,3 +33,16 @@ def test_missing_input_is_a_clear_error(tmp_path, capsys):
 def test_validate(capsys):
     assert main(["--params", str(ROOT / "params.yaml"), "validate"]) == 0
     assert "ok" in capsys.readouterr().out
+
+
+def test_other_missing_files_keep_their_traceback(tmp_path, monkeypatch):
+    """Only a path given on the command line becomes a one-line error; anything else is a bug."""
+    import pipelines.report
+
+    def fails(*_a, **_k):
+        raise FileNotFoundError(2, "No such file or directory", "/somewhere/else")
+
+    monkeypatch.setattr(pipelines.report, "main", fails)
+    argv = ["--params", str(ROOT / "params.yaml"), "report", "--eval", str(tmp_path / "e.json")]
+    with pytest.raises(FileNotFoundError):
+        main([*argv, "--out", str(tmp_path / "r")])
