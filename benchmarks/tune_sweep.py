@@ -4,6 +4,7 @@ Runs ``adaseg tune`` in a repository whose default pipeline has been reproduced 
 done: data, stage-1 / init models, semantics, masks exist), so only the sweeps are timed.
 
     python benchmarks/tune_sweep.py --repo . asha          # 16-trial ASHA vs 16-trial FIFO
+    python benchmarks/tune_sweep.py --repo . compare       # (re)do the per-trial comparison
     python benchmarks/tune_sweep.py --repo . sensitivity   # grids over tau, then beta
 
 Both searches of ``asha`` draw the same 16 configurations (same seed); they differ only in the
@@ -18,6 +19,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 RESULTS = Path(__file__).parent / "results"
@@ -75,6 +77,32 @@ def asha(repo: Path, args) -> None:
     rows["epoch_share"] = rows["asha"]["trial_epochs"] / rows["fifo"]["trial_epochs"]
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "tune_asha.json").write_text(json.dumps(rows, indent=2, default=str) + "\n")
+    compare(repo, args)
+
+
+def compare(repo: Path, args) -> None:
+    """Per trial: what ASHA did with it and where the full (FIFO) run ranks it at the end.
+
+    Both sweeps drew the same configurations in the same order, so row i is one trial in both.
+    Adds ``stopped_ranks`` (final FIFO ranks of the trials ASHA stopped) to tune_asha.json.
+    """
+    a = pd.read_parquet(repo / "bench_tune/asha/tune/trials.parquet")
+    f = pd.read_parquet(repo / "bench_tune/fifo/tune/trials.parquet")
+    swept = [c for c in a.columns if "." in c]
+    if not np.allclose(a[swept].to_numpy(float), f[swept].to_numpy(float)):
+        raise SystemExit("the ASHA and FIFO sweeps did not draw the same configurations")
+    t = a[["trial_id", "status", "epochs", *swept, "val_oiou"]].rename(
+        columns={"status": "asha_status", "epochs": "asha_epochs", "val_oiou": "asha_val_oiou"}
+    )
+    t["fifo_val_oiou"] = f["val_oiou"]
+    t["fifo_rank"] = t["fifo_val_oiou"].rank(ascending=False, method="min").astype(int)
+    t.sort_values("fifo_rank").to_csv(RESULTS / "tune_asha_trials.csv", index=False)
+    path = RESULTS / "tune_asha.json"
+    rows = json.loads(path.read_text())
+    rows["stopped_ranks"] = sorted(t.loc[t["asha_status"] != "COMPLETED", "fifo_rank"].tolist())
+    rows["fifo_val_oiou_mean_std"] = [t["fifo_val_oiou"].mean(), t["fifo_val_oiou"].std()]
+    path.write_text(json.dumps(rows, indent=2, default=str) + "\n")
+    print("ASHA stopped the trials FIFO ranks", rows["stopped_ranks"], flush=True)
 
 
 def sensitivity(repo: Path, args) -> None:
@@ -120,7 +148,7 @@ def sensitivity(repo: Path, args) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("what", choices=["asha", "sensitivity"])
+    p.add_argument("what", choices=["asha", "compare", "sensitivity"])
     p.add_argument("--repo", type=Path, default=Path("."))
     p.add_argument("--num-samples", type=int, default=16)
     p.add_argument("--epochs", type=int, default=3)
@@ -129,7 +157,9 @@ def main() -> None:
     p.add_argument("--betas", type=float, nargs="+", default=BETAS, help="sensitivity: beta grid")
     args = p.parse_args()
     RESULTS.mkdir(exist_ok=True)
-    (asha if args.what == "asha" else sensitivity)(args.repo.resolve(), args)
+    {"asha": asha, "compare": compare, "sensitivity": sensitivity}[args.what](
+        args.repo.resolve(), args
+    )
 
 
 if __name__ == "__main__":
