@@ -33,12 +33,9 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     for name, (_, what, options) in COMMANDS.items():
         s = sub.add_parser(name, help=what)
-        s.set_defaults(stage_kwargs=[dest for _, dest, _ in options])
         for flag, dest, kwargs in options:
             s.add_argument(flag, dest=dest, **kwargs)
-    sub.add_parser("validate", help="validate the params file and exit").set_defaults(
-        stage_kwargs=[]
-    )
+    sub.add_parser("validate", help="validate the params file and exit")
     return p
 
 
@@ -160,6 +157,11 @@ COMMANDS: dict[str, tuple[str, str, list[tuple]]] = {
 }
 
 
+def _dests(command: str) -> list[str]:
+    """The stage-function keywords ``command``'s options fill (none for ``validate``)."""
+    return [dest for _, dest, _ in COMMANDS[command][2]] if command in COMMANDS else []
+
+
 def _paths(value) -> list:
     return [] if value is None else value if isinstance(value, list) else [value]
 
@@ -173,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{args.params}: ok")
             return 0
         module_name = COMMANDS[args.command][0]
-        kwargs = {dest: getattr(args, dest) for dest in args.stage_kwargs}
+        kwargs = {dest: getattr(args, dest) for dest in _dests(args.command)}
         if module_name == "train":
             kwargs["phase"] = args.command
         # Stage modules import torch / Ray / MLflow: only the one that runs is loaded.
@@ -183,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"adaseg {args.command}: error: {err}", file=sys.stderr)
         return 2
     except FileNotFoundError as err:
-        given = [str(v) for dest in args.stage_kwargs for v in _paths(getattr(args, dest))]
+        given = [str(v) for dest in _dests(args.command) for v in _paths(getattr(args, dest))]
         if not any(str(err.filename or "").startswith(g) for g in given):
             raise  # not one of the paths on the command line: a bug, keep the traceback
         print(f"adaseg {args.command}: error: no such file: {err.filename}", file=sys.stderr)

@@ -3,7 +3,7 @@ import inspect
 
 import pytest
 
-from pipelines.cli import COMMANDS, _parser, main
+from pipelines.cli import COMMANDS, _dests, _parser, main
 from tests.conftest import ROOT
 
 
@@ -16,7 +16,8 @@ def test_every_option_reaches_its_stage_function(command):
     given = {dest for _, dest, _ in options} | ({"phase"} if module_name == "train" else set())
     assert given == taken
     args = _parser().parse_args([command, *(a for flag, _, _ in options for a in (flag, "x"))])
-    assert set(args.stage_kwargs) == given - {"phase"}
+    assert set(_dests(command)) == given - {"phase"}
+    assert all(getattr(args, d) is not None for d in _dests(command))
 
 
 def test_missing_input_is_a_clear_error(tmp_path, capsys):
