@@ -3,6 +3,7 @@
     python benchmarks/ablations.py                      # the Table 3 rows
     python benchmarks/ablations.py --rows no_csm no_cfb # a subset
     python benchmarks/ablations.py --table-only         # render the experiments run so far
+    python benchmarks/ablations.py --aggregate R0 R1 R2 # mean ± sd over repos, one seed each
 
 Runs in the current repository after `dvc repro`: every row is a `dvc exp run -S ...`, so only
 the stages downstream of the changed params run again (upstream outputs come from DVC's
@@ -20,6 +21,7 @@ import sys
 from pathlib import Path
 
 import pandas as pd
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -47,13 +49,95 @@ ROWS = {
 TABLE3 = ["no_csm", "no_cfb", "no_rrb"]
 SPLIT = "target_test"
 METRICS = ("oiou", "miou", "map")
+PAIRED = ("d_oiou", "gap_closed")  # per seed, then mean and spread
+
+
+def table_for(repo: Path) -> pd.DataFrame:
+    """The ablation table of one repository: its experiments (workspace first) and the two
+    references of its baseline run, SDA on the target test split."""
+    shown = subprocess.run(
+        ["dvc", "exp", "show", "--json"], cwd=repo, check=True, capture_output=True, text=True
+    ).stdout
+    df = ablation_table(json.loads(shown))
+    # Table 3 reads against the two references of the baseline run, same split.
+    evals = json.loads((repo / "metrics/eval.json").read_text())
+    refs = [
+        {
+            "experiment": model,
+            "changes": "(reference)",
+            **{m: evals[model][SPLIT][m] for m in METRICS},
+        }
+        for model in ("source_only", "oracle")
+        if SPLIT in evals.get(model, {})
+    ]
+    return pd.concat([df, pd.DataFrame(refs)], ignore_index=True)
+
+
+def aggregate(repos: list[Path], rows: list[str]) -> pd.DataFrame:
+    """Mean and standard deviation of each row over repositories (one seed each)."""
+    names = ["workspace", *rows, "source_only", "oracle"]
+    per_seed = []
+    for repo in repos:
+        seed = yaml.safe_load((repo / "params.yaml").read_text())["seed"]
+        df = table_for(repo).drop_duplicates("experiment").set_index("experiment")
+        missing = [n for n in names if n not in df.index]
+        if missing:
+            raise SystemExit(
+                f"{repo}: no experiment named {', '.join(missing)}; run the rows first"
+            )
+        df = df.loc[names].assign(seed=seed)
+        # paired with the same seed's SDA, and as a share of its source-only -> oracle gap
+        df["d_oiou"] = df["oiou"] - df.loc["workspace", "oiou"]
+        lo, hi = df.loc["source_only", "oiou"], df.loc["oracle", "oiou"]
+        df["gap_closed"] = (df["oiou"] - lo) / (hi - lo)
+        per_seed.append(df)
+    long = pd.concat(per_seed).reset_index()
+    out = long.groupby("experiment", sort=False).agg(
+        changes=("changes", "first"),
+        seeds=("seed", lambda s: " ".join(map(str, s))),
+        **{f"{m}_mean": (m, "mean") for m in (*METRICS, *PAIRED)},
+        **{f"{m}_sd": (m, "std") for m in (*METRICS, *PAIRED)},
+    )
+    return out.loc[names].reset_index(), long
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", nargs="+", default=TABLE3, choices=sorted(ROWS))
     ap.add_argument("--table-only", action="store_true", help="render the experiments run so far")
+    ap.add_argument(
+        "--aggregate",
+        nargs="+",
+        type=Path,
+        metavar="REPO",
+        help="only aggregate --rows over repositories that ran them (one seed each)",
+    )
     args = ap.parse_args()
+    if args.aggregate:
+        summary, long = aggregate(args.aggregate, args.rows)
+        out = ROOT / "benchmarks/results/ablations_seeds.json"
+        out.write_text(
+            json.dumps(
+                {
+                    "split": SPLIT,
+                    "model": "sda",
+                    "summary": summary.to_dict("records"),
+                    "per_seed": long.to_dict("records"),
+                },
+                indent=2,
+            )
+            + "\n"
+        )
+        cells = summary[["experiment", "changes", "seeds"]].copy()
+        for m in (*METRICS, *PAIRED):
+            cells[m] = [
+                f"{a:.3f} ± {b:.3f}"
+                for a, b in zip(summary[f"{m}_mean"], summary[f"{m}_sd"], strict=True)
+            ]
+        md = to_markdown(cells)
+        (ROOT / "benchmarks/results/ablations_seeds.md").write_text(md + "\n")
+        print(md)
+        return
     for row in [] if args.table_only else args.rows:
         cmd = ["dvc", "exp", "run", "-n", row]
         for item in ROWS[row]:
@@ -64,23 +148,7 @@ def main() -> None:
         # baseline back before the next row and before the table (whose first row it is).
         subprocess.run(["git", "checkout", "--", "params.yaml", "dvc.lock"], cwd=ROOT, check=True)
         subprocess.run(["dvc", "checkout", "--force"], cwd=ROOT, check=True)
-    shown = subprocess.run(
-        ["dvc", "exp", "show", "--json"], cwd=ROOT, check=True, capture_output=True, text=True
-    ).stdout
-    df = ablation_table(json.loads(shown))
-    # Table 3 reads against the two references of the baseline run, same split.
-    evals = json.loads((ROOT / "metrics/eval.json").read_text())
-    refs = [
-        {
-            "experiment": model,
-            "changes": "(reference)",
-            **{m: evals[model][SPLIT][m] for m in METRICS},
-        }
-        for model in ("source_only", "oracle")
-        if SPLIT in evals.get(model, {})
-    ]
-    df = pd.concat([df, pd.DataFrame(refs)], ignore_index=True)
-    md = to_markdown(df)
+    md = to_markdown(table_for(ROOT))
     (ROOT / "benchmarks/results/ablations.md").write_text(md + "\n")
     print(md)
 
