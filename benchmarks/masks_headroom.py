@@ -2,6 +2,7 @@
 ground truth in place of the `masks` stage's output, everything else unchanged.
 
     python benchmarks/masks_headroom.py --repos /tmp/repos/seed0 /tmp/repos/seed1
+    python benchmarks/masks_headroom.py --merge a.json b.json   # join runs made separately
 
 Each repository must have run `dvc repro`. Per repository, the `masks` table is copied with
 every mask replaced by the sample's ground-truth mask (same sample ids and categories), then
@@ -87,10 +88,17 @@ def run_one(repo: Path) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--repos", nargs="+", type=Path, required=True)
+    ap.add_argument("--repos", nargs="*", type=Path, default=[])
+    ap.add_argument(
+        "--merge", nargs="*", type=Path, default=[], help="earlier outputs whose runs join these"
+    )
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/masks_headroom.json")
     args = ap.parse_args()
-    runs = [run_one(r.resolve()) for r in args.repos]
+    runs = [r for f in args.merge for r in json.loads(f.read_text())["runs"]]
+    runs += [run_one(r.resolve()) for r in args.repos]
+    if not runs:
+        ap.error("nothing to measure: give --repos and/or --merge")
+    runs.sort(key=lambda r: r["seed"])
 
     def ms(xs: list[float]) -> dict:
         return {"mean": statistics.mean(xs), "std": statistics.stdev(xs) if len(xs) > 1 else 0.0}
