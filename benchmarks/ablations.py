@@ -73,8 +73,9 @@ def table_for(repo: Path) -> pd.DataFrame:
     return pd.concat([df, pd.DataFrame(refs)], ignore_index=True)
 
 
-def aggregate(repos: list[Path], rows: list[str]) -> pd.DataFrame:
-    """Mean and standard deviation of each row over repositories (one seed each)."""
+def aggregate(repos: list[Path], rows: list[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Mean and standard deviation of each row over repositories (one seed each), and the
+    per-seed rows they come from."""
     names = ["workspace", *rows, "source_only", "oracle"]
     per_seed = []
     for repo in repos:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -29,19 +28,21 @@ import pandas as pd
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from components.config import load_params  # noqa: E402
+from components.config import Params, load_params  # noqa: E402
 from components.data.dataset import load_split  # noqa: E402
 from components.data.schema import encode_rle  # noqa: E402
 from components.data.vocab import Vocab  # noqa: E402
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from repro_seeds import mean_std  # noqa: E402
 
 SPLIT = "target_test"
 METRICS = ("oiou", "miou", "map")
 DATA = "data/prepared"
 
 
-def ground_truth_masks(repo: Path, dst: Path) -> None:
+def ground_truth_masks(repo: Path, params: Params, dst: Path) -> None:
     """``repo``'s semantic-mask table with each mask replaced by the ground truth."""
-    params = load_params(repo / "params.yaml")
     vocab = Vocab.load(repo / DATA / "vocab.json")
     m = params.model
     target = load_split(repo / DATA, "target", "train", vocab, m.max_words, m.num_superpixels)
@@ -56,7 +57,7 @@ def run_one(repo: Path) -> dict:
     params = load_params(repo / "params.yaml")
     with tempfile.TemporaryDirectory() as tmp:
         t = Path(tmp)
-        ground_truth_masks(repo, t / "masks")
+        ground_truth_masks(repo, params, t / "masks")
         env = dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{t / 'mlruns.db'}")
         env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
         env.pop("RAY_ADDRESS", None)
@@ -101,7 +102,8 @@ def main() -> None:
     runs.sort(key=lambda r: r["seed"])
 
     def ms(xs: list[float]) -> dict:
-        return {"mean": statistics.mean(xs), "std": statistics.stdev(xs) if len(xs) > 1 else 0.0}
+        mean, std = mean_std(xs)
+        return {"mean": mean, "std": std}
 
     summary = {
         f"{model}/{k}": ms([r[model][k] for r in runs])
