@@ -1,0 +1,184 @@
+"""Runs every training phase in this process on tiny generated data, for the golden-loss test.
+
+Each phase is built by its stage's worker-side set-up and driven by ``run_phase``, the loop Ray
+Train workers and Tune trials run; only the Ray Train process around it is left out.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import ray
+import torch
+
+from components.config import Params, parse_params
+from components.data.dataset import load_split
+from components.data.schema import write_shard
+from components.data.vocab import Vocab
+from pipelines import adapt, masks, ray_train, semantic_init, semantics, train
+from pipelines.prepare import make_rows
+from tests.conftest import tiny_params
+
+SIZES = {
+    ("source", "train"): 48,
+    ("source", "val"): 12,
+    ("target", "train"): 48,
+    ("target", "val"): 12,
+}
+PHASES = ("pretrain", "oracle", "semantics", "init", "masks", "adapt")
+
+
+def golden_params() -> Params:
+    raw = tiny_params()
+    raw["seed"] = 3
+    raw["model"].update(widths=[8, 12, 16, 16], hidden=12, embed_dim=12, num_superpixels=40)
+    for phase in ("pretrain", "oracle", "init", "masks", "adapt"):
+        raw[phase].update(epochs=2, batch_size=12, warmup_steps=2, lr=3e-3)
+    raw["oracle"]["epochs"] = 1
+    raw["adapt"].update(pixels=32, lr=1e-3)
+    raw["model"]["empty_threshold"] = 0.3  # so that the tiny models predict something
+    return parse_params(raw, "golden")
+
+
+def make_data(root: Path, params: Params) -> None:
+    queries = []
+    for (domain, split), n in SIZES.items():
+        table = make_rows(params.data, params.seed, domain, split, 0, n)
+        folder = root / domain / split
+        folder.mkdir(parents=True)
+        write_shard(table, folder / "part-00000.parquet")
+        if split == "train":
+            queries += table.column("query").to_pylist()
+    Vocab.build(queries).save(root / "vocab.json")
+
+
+class _Capture:
+    """Stands in for Ray's ``report`` / ``Checkpoint``: keeps every row and the last state."""
+
+    def __init__(self):
+        self.rows: list[dict] = []
+        self.state: dict | None = None
+
+    def from_directory(self, d: str):
+        self.state = torch.load(Path(d) / "state.pt", map_location="cpu", weights_only=True)
+        return d
+
+    def report(self, row: dict, checkpoint=None) -> None:
+        self.rows.append(row)
+
+
+def _run(setup, config: dict, params: Params, phase: str) -> tuple[list[dict], dict]:
+    cap = _Capture()
+    config = {
+        **config,
+        "phase": phase,
+        "setup": setup,
+        "seed": params.seed,
+        "threads": 1,
+        "progress": False,
+        "standalone": True,
+    }
+    ray_train.run_phase(config, 0, lambda: None, cap.report, cap)
+    return cap.rows, cap.state
+
+
+def _summary(rows: list[dict], state: dict) -> dict:
+    keep = [
+        {k: float(v) for k, v in r.items() if k not in ("seconds", "samples_per_s", "epoch")}
+        for r in rows
+    ]
+    sums = {
+        name: float(sum(t.double().abs().sum() for t in sd.values() if t.is_floating_point()))
+        for name, sd in state["modules"].items()
+    }
+    return {"history": keep, "weights_abs_sum": sums}
+
+
+def run_chain(root: Path, phases=PHASES) -> dict:
+    """Every phase of ``phases`` in pipeline order; returns what the golden file pins."""
+    torch.set_num_threads(1)
+    params = golden_params()
+    make_data(root, params)
+    mcfg = params.model
+    vocab = Vocab.load(root / "vocab.json")
+    args = (vocab, mcfg.max_words, mcfg.num_superpixels)
+    split = {(d, s): load_split(root, d, s, *args) for d, s in SIZES}
+    out: dict = {}
+
+    def supervised(phase, domain):
+        tcfg = getattr(params, phase)
+        config = {
+            "train": tcfg.model_dump(mode="json"),
+            "model": mcfg.model_dump(mode="json"),
+            "vocab_size": len(vocab),
+            "embeddings": None,
+            "train_ref": ray.put(split[(domain, "train")]),
+            "val_ref": ray.put(split[(domain, "val")]),
+        }
+        return _run(train.setup_supervised, config, params, phase)
+
+    rows, state = supervised("pretrain", "source")
+    out["pretrain"] = _summary(rows, state)
+    if "oracle" in phases:
+        out["oracle"] = _summary(*supervised("oracle", "target"))
+    if "semantics" not in phases:
+        return out
+
+    stage1 = train_model(params, len(vocab), state["modules"]["model"])
+    source, target = split[("source", "train")], split[("target", "train")]
+    res, diag = semantics.compute(stage1, source, target, params)
+    out["semantics"] = {k: float(v) for k, v in sorted(diag.items())}
+    cats_s, cats_t, common_t = res.labels_s, res.labels_t, res.reliable_t
+
+    config = {
+        "train": params.init.model_dump(mode="json"),
+        "model": mcfg.model_dump(mode="json"),
+        "vocab_size": len(vocab),
+        "init_state": stage1.state_dict(),
+        "categories": cats_s,
+        "train_ref": ray.put(source),
+        "val_ref": ray.put(split[("source", "val")]),
+    }
+    rows, init_state = _run(semantic_init.setup_init, config, params, "init")
+    out["init"] = _summary(rows, init_state)
+
+    _, classes = np.unique(cats_t, return_inverse=True)
+    classes = classes.astype(np.int64)
+    config = {
+        "train": params.masks.model_dump(mode="json"),
+        "model": mcfg.model_dump(mode="json"),
+        "encoder_state": stage1.visual.state_dict(),
+        "classes": classes,
+        "data_ref": ray.put(target),
+    }
+    rows, mstate = _run(masks.setup_classifier, config, params, "masks")
+    out["masks"] = _summary(rows, mstate)
+    from components.adaptation.sda.cam import MultiLabelClassifier
+
+    clf = MultiLabelClassifier(int(classes.max()) + 1, mcfg.widths)
+    clf.load_state_dict(mstate["modules"]["classifier"])
+    sem_masks = masks.semantic_masks(clf, target, classes, params.masks.fg_threshold)
+    out["masks"]["mask_area"] = float(sem_masks.mean())
+
+    from dataclasses import replace
+
+    adapt_target = replace(target, masks=sem_masks)
+    config = adapt.phase_config(
+        params,
+        len(vocab),
+        init_state["modules"]["model"],
+        (cats_s, cats_t, common_t),
+        (ray.put(source), ray.put(adapt_target), ray.put(split[("target", "val")])),
+    )
+    rows, astate = _run(adapt.setup_adapt, config, params, "adapt")
+    out["adapt"] = _summary(rows, astate)
+    return out
+
+
+def train_model(params: Params, vocab_size: int, state: dict):
+    from components.models.network import build_model
+
+    model = build_model(params.model, vocab_size)
+    model.load_state_dict(state)
+    return model
