@@ -12,19 +12,25 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, ValidationError, model_validator
 
-PositiveInt = Annotated[int, Field(gt=0)]
-NonNegInt = Annotated[int, Field(ge=0)]
-Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
+from components.adaptation.configs import (
+    METHOD_CONFIGS,
+    DACSConfig,
+    DANNConfig,
+    DIDAConfig,
+    MethodSection,
+    MMDConfig,
+    SDAConfig,
+    SourceOnlyConfig,
+    T2SConfig,
+)
+from components.config_types import Fraction, NonNegInt, PositiveInt
+from components.config_types import Section as _Section
 
 
 class ParamsError(ValueError):
     """Raised when params.yaml is missing, malformed or out of range; names every bad field."""
-
-
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class RuntimeConfig(_Section):
@@ -78,8 +84,12 @@ class SplitSizes(_Section):
 
 
 class DataConfig(_Section):
-    """The embedded cross-domain benchmark (``prepare`` stage)."""
+    """The embedded cross-domain benchmark (``prepare`` stage) and the task trained on it."""
 
+    task: Literal["referring", "semantic"] = Field(
+        "referring",
+        description="referring: image + query -> mask; semantic: image -> C classes per pixel.",
+    )
     image_size: Annotated[int, Field(ge=32, le=512)] = 64
     splits: SplitSizes = SplitSizes()
     min_objects: NonNegInt = 1
@@ -208,42 +218,74 @@ class MasksConfig(TrainConfig):
 
 
 class AdaptConfig(TrainConfig):
-    """Stage 3 (stage ``adapt``): the adaptation method (SDA Section 3.3, C.2)."""
+    """Stage ``adapt``: the adaptation method ``method`` and its schedule; the method's own
+    params live in its section ``adapt.<method>`` (``components.adaptation.configs``)."""
 
-    method: Literal["sda"] = "sda"
+    method: Literal[tuple(METHOD_CONFIGS)] = Field(  # type: ignore[valid-type]
+        "sda", description="The method: a key of components.adaptation.registry.METHODS."
+    )
     epochs: PositiveInt = Field(3, description="paper: 10")
     batch_size: PositiveInt = Field(16, description="Per domain (paper: 8).")
     lr: Annotated[float, Field(gt=0)] = Field(1e-4, description="assumed (continued training)")
     warmup_steps: NonNegInt = 20
-    gamma_max: Fraction = Field(0.9, description="paper")
-    gamma_min: Fraction = Field(0.1, description="paper")
-    memory_size: PositiveInt = Field(100, description="B per category (paper).")
-    ema: Annotated[float, Field(ge=0, lt=1)] = Field(0.99, description="Teacher momentum (paper).")
-    contrast_temperature: Annotated[float, Field(gt=0)] = Field(0.1, description="assumed")
-    lambda1: Annotated[float, Field(ge=0)] = Field(1.0, description="paper")
-    lambda2: Annotated[float, Field(ge=0)] = Field(0.1, description="paper")
-    pixels: PositiveInt = Field(256, description="Pixels sampled per batch for contrast.")
-    cfb: bool = Field(True, description="Contrastive Feature Branch on.")
-    contrastive: bool = Field(True, description="off = w/o contrastive (plain similarity).")
-    memory: bool = Field(True, description="off = w/o memory bank.")
-    rrb: bool = Field(True, description="Reciprocal Relation Branch on.")
-    ct: bool = Field(True, description="off = w/o L_ct (no auxiliary target decoder).")
-    ho: bool = Field(True, description="off = w/o L_ho.")
-    reciprocal_masks: bool = Field(
-        True, description="off = domain-based target masks only (teacher pseudo masks)."
-    )
+    source_only: SourceOnlyConfig | None = None
+    sda: SDAConfig | None = None
+    dacs: DACSConfig | None = None
+    mmd: MMDConfig | None = None
+    dann: DANNConfig | None = None
+    t2s: T2SConfig | None = None
+    dida: DIDAConfig | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_section(cls, raw: Any) -> Any:
+        # the selected method's section may be left out: its defaults apply
+        if isinstance(raw, dict):
+            method = raw.get("method", "sda")
+            if method in METHOD_CONFIGS and raw.get(method) is None:
+                raw = {**raw, method: {}}
+        return raw
 
     @model_validator(mode="after")
-    def _thresholds(self) -> AdaptConfig:
-        if self.gamma_min >= self.gamma_max:
-            raise ValueError(f"gamma_min ({self.gamma_min}) must be < gamma_max ({self.gamma_max})")
+    def _one_section(self) -> AdaptConfig:
+        stray = [m for m in METHOD_CONFIGS if m != self.method and getattr(self, m) is not None]
+        if stray:
+            raise ValueError(
+                f"section adapt.{stray[0]} is given but adapt.method is {self.method!r} "
+                f"(remove it, or set adapt.method: {stray[0]})"
+            )
         return self
 
+    @property
+    def method_config(self) -> MethodSection:
+        """The selected method's section (``adapt.<method>``)."""
+        return getattr(self, self.method)
 
-#: every gamma_max a sweep draws stays this far above the smallest gamma_min of its space
+
+#: every upper bound of an ORDERED pair a sweep draws stays this far above the smallest lower
 GAMMA_MARGIN = 2e-3
-TUNABLE_SECTIONS = ("semantics", "adapt")  # what a sweep trial re-runs (see pipelines/tune.py)
 TUNE_METRICS = ("val_oiou", "val_miou", "val_map", "unsup_confidence", "unsup_agreement")
+
+
+def tunable_sections(params: Params) -> dict[str, type[_Section]]:
+    """What a sweep trial can change (see pipelines/tune.py): CSM, the adaptation schedule and
+    the selected method's own section, by dotted section name."""
+    method = params.adapt.method
+    return {
+        "semantics": SemanticsConfig,
+        "adapt": AdaptConfig,
+        f"adapt.{method}": METHOD_CONFIGS[method],
+    }
+
+
+def ordered_pairs(params: Params) -> list[tuple[str, str, float, float]]:
+    """The selected method's ``low < high`` rules as dotted keys with their current values:
+    ``[("adapt.sda.gamma_min", "adapt.sda.gamma_max", 0.1, 0.9)]``."""
+    method, section = params.adapt.method, params.adapt.method_config
+    return [
+        (f"adapt.{method}.{lo}", f"adapt.{method}.{hi}", getattr(section, lo), getattr(section, hi))
+        for lo, hi in section.ORDERED
+    ]
 
 
 class SearchDim(_Section):
@@ -285,7 +327,7 @@ def _default_space() -> dict[str, dict[str, SearchDim]]:
             "beta": SearchDim(low=0.1, high=1.0),
             "distance_threshold": SearchDim(low=0.3, high=0.8),
         },
-        "adapt": {
+        "adapt.sda": {
             "gamma_max": SearchDim(low=0.6, high=0.95),
             "gamma_min": SearchDim(low=0.05, high=0.4),
             "contrast_temperature": SearchDim(low=0.03, high=0.5, log=True),
@@ -339,21 +381,25 @@ class TuneConfig(_Section):
 
 
 def _check_space(params: Params) -> list[str]:
-    """Every ``tune.space`` entry names a tunable field and only yields values it accepts."""
+    """Every ``tune.space`` entry names a tunable field and only yields values it accepts;
+    every upper bound of an ordered pair leaves room for a lower value below it."""
     from pydantic import TypeAdapter
 
     errors = []
     space = params.tune.flat_space()
+    sections = tunable_sections(params)
     for key, dim in space.items():
-        section, _, name = key.partition(".")
+        section, _, name = key.rpartition(".")
         where = f"tune.space.{key}"
-        if section not in TUNABLE_SECTIONS:
+        if section not in sections:
             errors.append(
-                f"{where}: not a tunable parameter (use semantics.<field> or adapt.<field>)"
+                f"{where}: not a tunable parameter (use "
+                + ", ".join(f"{s}.<field>" for s in sections)
+                + ")"
             )
             continue
-        fields = type(getattr(params, section)).model_fields
-        if name not in fields:
+        fields = sections[section].model_fields
+        if name not in fields or (section == "adapt" and name in METHOD_CONFIGS):
             errors.append(f"{where}: unknown parameter")
             continue
         info = fields[name]
@@ -368,20 +414,18 @@ def _check_space(params: Params) -> list[str]:
                 msg = err.errors()[0]["msg"]
                 errors.append(f"{where}: value {value!r} is refused by {key}: {msg}")
                 break
-    # every gamma_max the sweep can draw must leave room for some gamma_min below it
-    floor = min(space["adapt.gamma_min"].candidates()) if "adapt.gamma_min" in space else None
-    floor = params.adapt.gamma_min if floor is None else floor
-    gmax = space.get("adapt.gamma_max")
-    if gmax is None:
-        tops = [params.adapt.gamma_max]
-    else:
-        tops = gmax.values if gmax.values is not None else [gmax.high]
-    tight = [v for v in tops if v <= floor + GAMMA_MARGIN]
-    if tight:
-        errors.append(
-            f"tune.space.adapt.gamma_max: {tight[0]} leaves no gamma_min below it "
-            f"(smallest gamma_min: {floor})"
-        )
+    # every upper value the sweep can draw must leave room for some lower value below it
+    for lo_key, hi_key, lo, hi in ordered_pairs(params):
+        floor = min(space[lo_key].candidates()) if lo_key in space else lo
+        top = space.get(hi_key)
+        tops = [hi] if top is None else top.values if top.values is not None else [top.high]
+        tight = [v for v in tops if v <= floor + GAMMA_MARGIN]
+        if tight:
+            low_name = lo_key.rpartition(".")[2]
+            errors.append(
+                f"tune.space.{hi_key}: {tight[0]} leaves no {low_name} below it "
+                f"(smallest {low_name}: {floor})"
+            )
     return errors
 
 
@@ -403,6 +447,12 @@ class Params(_Section):
 
     @model_validator(mode="after")
     def _tune_space(self) -> Params:
+        supported = self.adapt.method_config.TASKS
+        if self.data.task not in supported:
+            raise ValueError(
+                f"adapt.method: {self.adapt.method} does not run on data.task "
+                f"{self.data.task!r} (supports: {', '.join(supported)})"
+            )
         errors = _check_space(self)
         if errors:
             raise ValueError("; ".join(errors))

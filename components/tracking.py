@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import subprocess
 import uuid
@@ -150,3 +151,26 @@ def upstream_hashes(root: Path, stages=("prepare", "pretrain", "semantics", "ini
         if outs and outs[0].get("md5"):
             tags[f"adaseg.dvc.{stage}"] = outs[0]["md5"]
     return tags
+
+
+def log_stage(phase: str, history: list[dict], metrics: str, plots: str, out: str, title: str):
+    """Shared tail of every training stage: DVC metrics / plots and MLflow artefacts."""
+    import tempfile
+
+    from components.io import atomic_path, write_json
+    from components.plots import training_curves
+    from components.stage_io import write_history
+
+    log_history(history)
+    final = history[-1]
+    skip = ("lr", "samples_per_s", "seconds")
+    write_json(metrics, {k: v for k, v in final.items() if k not in skip})
+    with atomic_path(plots) as tmp:
+        write_history(history, tmp)
+    with tempfile.TemporaryDirectory() as d:
+        training_curves(history, Path(d) / "curves.png", title)
+        mlflow.log_artifact(str(Path(d) / "curves.png"))
+    mlflow.log_artifacts(out, artifact_path="model")
+    logging.getLogger("adaseg").info(
+        "%s done: %s", phase, {k: round(v, 4) for k, v in final.items()}
+    )

@@ -13,7 +13,6 @@ import torch
 
 from components.config import TrainConfig
 from components.data.dataset import SplitArrays, iterate_batches, to_batch
-from components.losses import multiscale_bce
 from components.metrics import referring_metrics
 from components.models.network import predict_masks
 
@@ -42,6 +41,7 @@ def _autocast(device: torch.device, amp: bool):
 
 
 def train_epoch(
+    task,
     model,
     opt,
     sched,
@@ -54,7 +54,8 @@ def train_epoch(
     on_batch: Callable[[float], None] | None = None,
     extra_loss: Callable[[dict, dict, np.ndarray], torch.Tensor] | None = None,
 ) -> dict[str, float]:
-    """One pass of L_seg (Eq. 10) over ``indices`` of ``data``; returns mean loss and count.
+    """One pass of the task's supervised loss (referring: L_seg, Eq. 10) over ``indices`` of
+    ``data``; returns mean loss and count.
 
     ``extra_loss(out, batch, rows)`` adds a method's term (e.g. SDA's L_si) to every step;
     ``rows`` are the batch's row numbers in ``data``.
@@ -64,8 +65,8 @@ def train_epoch(
     for batch_idx in iterate_batches(len(indices), batch_size, shuffle=True, rng=rng):
         batch = to_batch(data, indices[batch_idx], device)
         with _autocast(device, amp):
-            out = model(batch["image"], batch["tokens"], batch["lengths"], batch["superpixels"])
-            loss = multiscale_bce(out["logits"], out["full_logits"].float(), batch["mask"])
+            out = task.forward(model, batch)
+            loss = task.supervised_loss(out, batch)
             if extra_loss is not None:
                 loss = loss + extra_loss(out, batch, indices[batch_idx])
         if not torch.isfinite(loss):

@@ -102,9 +102,9 @@ COMMANDS: dict[str, tuple[str, str, list[tuple]]] = {
         "stage 3: adapt to the target (adapt.method)",
         [
             _opt("--data"),
-            _opt("--init", help="the stage-2 model folder"),
-            _opt("--semantics"),
-            _opt("--masks"),
+            _opt("--init", help="the model to adapt (SDA: stage 2; others: stage 1)"),
+            _opt("--semantics", required=False, help="CSM labels (methods that need them)"),
+            _opt("--masks", required=False, help="semantic-based masks (methods that need them)"),
             _opt("--out"),
             _opt("--metrics"),
             _opt("--plots"),

@@ -11,6 +11,7 @@ Outputs: ``--out/semantic_masks.parquet`` (sample_id, category, mask_rle),
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
@@ -19,13 +20,14 @@ import pandas as pd
 import ray
 import torch
 
+from components import train_loop
 from components.adaptation.sda.cam import (
     MultiLabelClassifier,
     category_cam,
     multilabel_loss,
     superpixel_refine,
 )
-from components.config import MasksConfig, ModelConfig, Params
+from components.config import Params
 from components.data.dataset import SplitArrays, iterate_batches, load_split, to_batch
 from components.data.schema import encode_rle, shard_paths
 from components.data.vocab import Vocab
@@ -33,26 +35,32 @@ from components.io import atomic_path, write_json
 from components.metrics import referring_metrics
 from components.models.network import _unwrap, load_trained
 from components.runtime import init_ray
+from components.stage_io import load_labels
 from components.tracking import log_history, stage_run
-from pipelines import ray_train
 from pipelines.common import repo_root
-from pipelines.semantics import load_labels
 
 
-def setup_classifier(config: dict) -> ray_train.Phase:
-    tcfg = MasksConfig.model_validate(config["train"])
-    widths = ModelConfig.model_validate(config["model"]).widths
-    data: SplitArrays = ray.get(config["data_ref"])
-    classes = torch.tensor(config["classes"])
+@dataclass(frozen=True)
+class ClassifierInputs:
+    encoder_state: dict | None  # the stage-1 visual encoder, or None (from scratch)
+    classes: np.ndarray  # (N,) contiguous target category of each target train sample
+    data_ref: ray.ObjectRef  # target train split
+
+
+def setup_classifier(spec: train_loop.PhaseSpec) -> train_loop.Phase:
+    tcfg, inp = spec.train_config(), spec.payload
+    widths = spec.params.model.widths
+    data: SplitArrays = ray.get(inp.data_ref)
+    classes = torch.tensor(inp.classes)
     k = int(classes.max()) + 1
-    model = MultiLabelClassifier(k, widths, config["encoder_state"])
-    w = ray_train.prepare_worker(config, model, len(data), tcfg)
+    model = MultiLabelClassifier(k, widths, inp.encoder_state)
+    w = train_loop.prepare_worker(spec, model, len(data), tcfg)
     model, device, rank, indices = w.model, w.device, w.rank, w.indices
     steps, opt, sched = w.steps, w.optimizer, w.scheduler
 
     def run_epoch(epoch: int, tick) -> dict:
         model.train()
-        rng = np.random.default_rng((config["seed"], rank, epoch))
+        rng = np.random.default_rng((spec.seed, rank, epoch))
         total, correct, count = 0.0, 0, 0
         for bidx in iterate_batches(len(indices), tcfg.batch_size, shuffle=True, rng=rng):
             rows = indices[bidx]
@@ -71,7 +79,7 @@ def setup_classifier(config: dict) -> ray_train.Phase:
                 tick()
         return {"loss": total / count, "train_top1": correct / count}
 
-    return ray_train.Phase(
+    return train_loop.Phase(
         epochs=tcfg.epochs,
         modules={"classifier": model},
         optimizers={"optimizer": opt, "scheduler": sched},
@@ -106,18 +114,12 @@ def run(
     classes = classes.astype(np.int64)
     encoder = load_trained(base)[0].visual.state_dict() if tcfg.init_encoder else None
     init_ray(params.runtime)
-    state = ray_train.fit(
+    state = train_loop.fit(
         params,
         "masks",
         tcfg,
         setup_classifier,
-        {
-            "train": tcfg.model_dump(mode="json"),
-            "model": params.model.model_dump(mode="json"),
-            "encoder_state": encoder,
-            "classes": classes,
-            "data_ref": ray.put(target),
-        },
+        ClassifierInputs(encoder, classes, ray.put(target)),
         inputs=[
             *shard_paths(data_dir, "target", "train"),
             base / "model.pt",
@@ -145,17 +147,8 @@ def run(
     with atomic_path(out, is_dir=True) as tmp:
         table.to_parquet(tmp / "semantic_masks.parquet", index=False)
         torch.save(model.state_dict(), tmp / "classifier.pt")
-    ray_train.finish(state)
+    train_loop.finish(state)
     return diag, state["history"]
-
-
-def load_masks(folder: str | Path, data: SplitArrays) -> np.ndarray:
-    """Semantic-based masks (N, H, W) aligned with ``data`` by sample id."""
-    from components.data.schema import decode_rle
-
-    table = pd.read_parquet(Path(folder) / "semantic_masks.parquet").set_index("sample_id")
-    rows = table.loc[data.sample_ids, "mask_rle"]
-    return np.stack([decode_rle(r) for r in rows])
 
 
 def main(params: Params, data: str, base: str, semantics: str, out: str, metrics: str) -> None:

@@ -25,10 +25,11 @@ from tqdm import tqdm
 
 from components.config import DataConfig, Params
 from components.data.schema import SAMPLE_SCHEMA, encode_png, encode_rle, write_shard
-from components.data.synthetic import generate_sample
+from components.data.synthetic import CATEGORIES, generate_sample
 from components.data.vocab import Vocab
 from components.io import atomic_path, write_json
 from components.runtime import init_ray
+from components.stage_io import CLASSES_FILE
 from components.tracking import stage_run
 from pipelines.common import repo_root
 
@@ -116,6 +117,8 @@ def run(params: Params, out: Path) -> dict:
                     train_queries += table.column("query").to_pylist()
                 bar.update(1)
         Vocab.build(train_queries).save(tmp / "vocab.json")
+        # the semantic task's classes: id = position in the list, 0 = background
+        (tmp / CLASSES_FILE).write_text(json.dumps(["background", *CATEGORIES]) + "\n")
         stats = {k: _finish(v) for k, v in sorted(stats.items())}
         (tmp / "stats.json").write_text(json.dumps(stats, indent=2, sort_keys=True) + "\n")
     return stats

@@ -1,7 +1,8 @@
 """Stage ``report``: one markdown and one CSV table of every evaluated model and split.
 
-On the target test split it also shows the share of the source-only -> oracle oIoU gap each
-model closes (0 = source-only, 1 = oracle).
+On the target test split it also shows the share of the source-only -> oracle gap each model
+closes (0 = source-only, 1 = oracle): oIoU for the referring task, mIoU for the semantic task,
+whose per-class IoUs (``iou/<class>``) follow as columns.
 """
 
 from __future__ import annotations
@@ -17,24 +18,33 @@ from components.io import atomic_path
 from components.tracking import stage_run
 from pipelines.common import repo_root
 
-METRICS = ["oiou", "miou", "map", "prec@0.5", "prec@0.7", "prec@0.9", "zero_acc"]
+METRICS = ["oiou", "miou", "map", "prec@0.5", "prec@0.7", "prec@0.9", "zero_acc", "pixel_acc"]
+
+
+def headline(results: dict) -> str:
+    """The metric the gap is measured on: oIoU (referring) or mIoU (semantic)."""
+    some = next((v for per in results.values() for v in per.values()), {})
+    return "oiou" if "oiou" in some else "miou"
 
 
 def table(results: dict) -> pd.DataFrame:
+    classes = sorted({k for per in results.values() for v in per.values() for k in v if "/" in k})
     rows = [
-        {"model": model, "split": split, **{m: vals.get(m) for m in METRICS}}
+        {"model": model, "split": split, **{m: vals.get(m) for m in METRICS + classes}}
         for model, per_split in results.items()
         for split, vals in per_split.items()
     ]
     df = pd.DataFrame(rows)
+    df = df[[c for c in df.columns if c in ("model", "split") or df[c].notna().any()]]
+    key = headline(results)
     try:
-        lo = results["source_only"]["target_test"]["oiou"]
-        hi = results["oracle"]["target_test"]["oiou"]
+        lo = results["source_only"]["target_test"][key]
+        hi = results["oracle"]["target_test"][key]
     except KeyError:
         return df
     if hi != lo:
-        closed = (df["oiou"] - lo) / (hi - lo)
-        df["gap_closed_oiou"] = closed.where(df["split"] == "target_test")
+        closed = (df[key] - lo) / (hi - lo)
+        df[f"gap_closed_{key}"] = closed.where(df["split"] == "target_test")
     return df
 
 

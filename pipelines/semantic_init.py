@@ -7,6 +7,7 @@ ablation) the same epochs are spent on ``L_seg`` alone, so both variants get the
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -14,20 +15,29 @@ import ray
 import torch
 import torch.nn.functional as F
 
+from components import train_loop
 from components.adaptation.sda.csm import PrototypeBank, semantic_init_loss
-from components.config import InitConfig, ModelConfig, Params
-from components.data.dataset import load_split
+from components.config import Params
 from components.data.schema import shard_paths
 from components.data.vocab import Vocab
 from components.io import atomic_path
-from components.models.network import _unwrap, build_model, load_trained, save_trained
+from components.models.network import _unwrap, load_trained, save_trained
 from components.runtime import init_ray
-from components.tracking import stage_run
-from components.training import train_epoch, val_metrics
-from pipelines import ray_train
+from components.stage_io import load_labels, load_task_split, task_of, write_history
+from components.tasks import Task
+from components.tracking import log_stage, stage_run
+from components.training import train_epoch
 from pipelines.common import repo_root
-from pipelines.semantics import load_labels
-from pipelines.train import log_stage, write_history
+
+
+@dataclass(frozen=True)
+class InitInputs:
+    task: Task
+    vocab_size: int
+    init_state: dict  # the stage-1 weights
+    categories: np.ndarray  # (N,) CSM category of each source train sample
+    train_ref: ray.ObjectRef
+    val_ref: ray.ObjectRef
 
 
 def foreground_pixels(features: torch.Tensor, mask: torch.Tensor, cats: torch.Tensor):
@@ -42,14 +52,14 @@ def foreground_pixels(features: torch.Tensor, mask: torch.Tensor, cats: torch.Te
     return feats, labels
 
 
-def setup_init(config: dict) -> ray_train.Phase:
-    tcfg = InitConfig.model_validate(config["train"])
-    mcfg = ModelConfig.model_validate(config["model"])
-    train, val = ray.get(config["train_ref"]), ray.get(config["val_ref"])
-    cats = torch.tensor(config["categories"])
-    model = build_model(mcfg, config["vocab_size"])
-    model.load_state_dict(config["init_state"])
-    w = ray_train.prepare_worker(config, model, len(train), tcfg)
+def setup_init(spec: train_loop.PhaseSpec) -> train_loop.Phase:
+    tcfg, inp = spec.train_config(), spec.payload
+    task = inp.task
+    train, val = ray.get(inp.train_ref), ray.get(inp.val_ref)
+    cats = torch.tensor(inp.categories)
+    model = task.build_network(inp.vocab_size)
+    model.load_state_dict(inp.init_state)
+    w = train_loop.prepare_worker(spec, model, len(train), tcfg)
     model, device, rank, indices = w.model, w.device, w.rank, w.indices
     steps, opt, sched = w.steps, w.optimizer, w.scheduler
     k_s = int(cats.max()) + 1
@@ -67,8 +77,9 @@ def setup_init(config: dict) -> ray_train.Phase:
         if state["protos"].numel():  # restored from a checkpoint
             bank.protos, bank.seen = state["protos"].clone(), state["seen"].clone()
         si_terms.clear()
-        rng = np.random.default_rng((config["seed"], rank, epoch))
+        rng = np.random.default_rng((spec.seed, rank, epoch))
         stats = train_epoch(
+            task,
             model,
             opt,
             sched,
@@ -85,9 +96,9 @@ def setup_init(config: dict) -> ray_train.Phase:
         return {"loss": stats["loss"], "l_si": float(np.mean(si_terms)) if si_terms else 0.0}
 
     def validate() -> dict:
-        return val_metrics(_unwrap(model), val, device, mcfg.empty_threshold)
+        return task.val_metrics(_unwrap(model), val, device)
 
-    return ray_train.Phase(
+    return train_loop.Phase(
         epochs=tcfg.epochs,
         modules={"model": model},
         optimizers={"optimizer": opt, "scheduler": sched},
@@ -100,26 +111,19 @@ def setup_init(config: dict) -> ray_train.Phase:
 
 def run(params: Params, data_dir: Path, base: Path, semantics: Path, out: Path) -> list[dict]:
     mcfg, tcfg = params.model, params.init
+    task = task_of(params, data_dir)
     vocab = Vocab.load(data_dir / "vocab.json")
-    train = load_split(data_dir, "source", "train", vocab, mcfg.max_words, mcfg.num_superpixels)
-    val = load_split(data_dir, "source", "val", vocab, mcfg.max_words, mcfg.num_superpixels)
+    train = load_task_split(params, data_dir, "source", "train", task, vocab)
+    val = load_task_split(params, data_dir, "source", "val", task, vocab)
     cats, _ = load_labels(semantics, train)
     model, _ = load_trained(base)
     init_ray(params.runtime)
-    state = ray_train.fit(
+    state = train_loop.fit(
         params,
         "init",
         tcfg,
         setup_init,
-        {
-            "train": tcfg.model_dump(mode="json"),
-            "model": mcfg.model_dump(mode="json"),
-            "vocab_size": len(vocab),
-            "init_state": model.state_dict(),
-            "categories": cats,
-            "train_ref": ray.put(train),
-            "val_ref": ray.put(val),
-        },
+        InitInputs(task, len(vocab), model.state_dict(), cats, ray.put(train), ray.put(val)),
         inputs=[
             *shard_paths(data_dir, "source", "train"),
             base / "model.pt",
@@ -129,9 +133,9 @@ def run(params: Params, data_dir: Path, base: Path, semantics: Path, out: Path) 
     model.load_state_dict(state["modules"]["model"])
     history = state["history"]
     with atomic_path(out, is_dir=True) as tmp:
-        save_trained(tmp, model, mcfg, len(vocab), {"phase": "init", "seed": params.seed})
+        save_trained(tmp, model, mcfg, len(vocab), {"phase": "init", "seed": params.seed}, task)
         write_history(history, tmp / "history.csv")
-    ray_train.finish(state)
+    train_loop.finish(state)
     return history
 
 

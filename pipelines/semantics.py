@@ -31,22 +31,10 @@ from pipelines.common import repo_root
 log = logging.getLogger(__name__)
 
 
-def compute(model, source: SplitArrays, target: SplitArrays, params: Params):
-    """CSM in this process: extraction, predictor, clustering; returns (result, diagnostics).
-
-    ``result.labels_s`` / ``labels_t`` / ``reliable_t`` follow the row order of the splits.
-    """
-    thr = params.model.empty_threshold
-    src = sem.extract(model, source, 64, torch.device("cpu"), thr)
-    tgt = sem.extract(model, target, 64, torch.device("cpu"), thr)
-    res = sem.build(src, tgt, params.semantics, params.seed)
-    return res, sem.diagnostics(res, source.true_categories, target.true_categories)
-
-
 @ray.remote(num_cpus=1)
 def _semantics_task(model, source: SplitArrays, target: SplitArrays, params: Params):
     torch.set_num_threads(int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1)))
-    return compute(model, source, target, params)
+    return sem.compute(model, source, target, params)
 
 
 def run(params: Params, data_dir: Path, model_dir: Path, out: Path) -> dict:
@@ -77,16 +65,6 @@ def run(params: Params, data_dir: Path, model_dir: Path, out: Path) -> dict:
     if res.predictor_losses:
         diag["predictor_loss"] = res.predictor_losses[-1]
     return diag
-
-
-def load_labels(folder: str | Path, data: SplitArrays) -> tuple[np.ndarray, np.ndarray]:
-    """Category (N,) and common flag (N,) aligned with ``data`` by sample id."""
-    table = pd.read_parquet(Path(folder) / "labels.parquet").set_index("sample_id")
-    missing = [s for s in data.sample_ids if s not in table.index]
-    if missing:
-        raise ValueError(f"{folder}/labels.parquet: no category for sample {missing[0]}")
-    rows = table.loc[data.sample_ids]
-    return rows["category"].to_numpy(np.int64), rows["common"].to_numpy(bool)
 
 
 def main(params: Params, data: str, model: str, out: str, metrics: str) -> None:

@@ -54,9 +54,12 @@ def rank_agreement(table: pd.DataFrame) -> dict[str, float]:
 def best_params_yaml(best: pd.Series, keys: list[str], tcfg: TuneConfig, sweep: str) -> str:
     overlay: dict[str, dict] = {}
     for key in keys:
-        section, name = key.split(".")
+        *parents, name = key.split(".")
+        node = overlay
+        for part in parents:
+            node = node.setdefault(part, {})
         value = best[key]
-        overlay.setdefault(section, {})[name] = value.item() if hasattr(value, "item") else value
+        node[name] = value.item() if hasattr(value, "item") else value
     sets = " ".join(f"-S {k}={_exact(best[k])}" for k in keys)
     header = (
         f"# best trial {best.trial_id} of sweep {sweep}: {tcfg.metric} = {best.objective:.4f}"
@@ -114,5 +117,5 @@ def compact(v) -> str:
 
 
 def _exact(v) -> str:
-    """A value as ``-S`` needs it: floats in full (rounding could break gamma_min < gamma_max)."""
+    """A value as ``-S`` needs it: floats in full (rounding could break an ordered pair)."""
     return repr(float(v)) if isinstance(v, float | np.floating) else str(v)

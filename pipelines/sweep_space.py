@@ -1,7 +1,10 @@
 """The search space of a sweep (``params.yaml: tune.space``) as Ray Tune / Optuna see it.
 
-``gamma_min < gamma_max`` holds by construction: grids drop the invalid pairs, random search
-draws gamma_min below the gamma_max it drew, and the Optuna space suggests gamma_max first.
+Keys are dotted params paths: ``semantics.tau``, ``adapt.lr``, ``adapt.<method>.<field>``.
+The selected method's ordered pairs (``components.adaptation.configs``: SDA's
+``gamma_min < gamma_max``) hold by construction: grids drop the invalid points, random search
+draws the lower value below the upper one it drew, and the Optuna space suggests the upper
+value first.
 """
 
 from __future__ import annotations
@@ -13,7 +16,14 @@ from typing import Any
 import numpy as np
 from ray import tune
 
-from components.config import GAMMA_MARGIN, Params, SearchDim, TuneConfig
+from components.config import (
+    GAMMA_MARGIN,
+    Params,
+    SearchDim,
+    TuneConfig,
+    ordered_pairs,
+    tunable_sections,
+)
 
 
 def overrides_of(config: dict) -> dict[str, Any]:
@@ -38,16 +48,18 @@ def overrides_of(config: dict) -> dict[str, Any]:
 def int_keys(params: Params) -> set[str]:
     """Swept keys whose params field is an integer (sampled as integers)."""
     out = set()
+    sections = tunable_sections(params)
     for key in params.tune.flat_space():
-        section, name = key.split(".")
-        if type(getattr(params, section)).model_fields[name].annotation is int:
+        section, _, name = key.rpartition(".")
+        if sections[section].model_fields[name].annotation is int:
             out.add(key)
     return out
 
 
 def _below(dim: SearchDim, bound: float, rng: np.random.Generator):
-    """A value of ``dim`` strictly below ``bound`` (gamma_min given gamma_max). The params
-    validation guarantees that one exists (every gamma_max leaves ``GAMMA_MARGIN`` of room)."""
+    """A value of ``dim`` strictly below ``bound`` (the lower value of an ordered pair given
+    the upper one). The params validation guarantees that one exists (every upper value
+    leaves ``GAMMA_MARGIN`` of room)."""
     if dim.values is not None:
         ok = [v for v in dim.values if v < bound]
         return ok[int(rng.integers(len(ok)))]
@@ -57,50 +69,55 @@ def _below(dim: SearchDim, bound: float, rng: np.random.Generator):
     return float(rng.uniform(dim.low, high))
 
 
-def _gamma_floor(params: Params) -> float:
-    space = params.tune.flat_space()
-    dim = space.get("adapt.gamma_min")
-    return min(dim.candidates()) if dim else params.adapt.gamma_min
+def _floor(params: Params, lo_key: str, lo_default: float) -> float:
+    """The smallest lower value of an ordered pair the space can draw."""
+    dim = params.tune.flat_space().get(lo_key)
+    return min(dim.candidates()) if dim else lo_default
 
 
 def grid_points(params: Params) -> list[dict[str, Any]]:
-    """The Cartesian product of every entry's ``values``, without gamma_min >= gamma_max;
-    ``tune.num_samples`` > 1 repeats it with seeds ``seed``, ``seed + 1``, ..."""
+    """The Cartesian product of every entry's ``values``, without points that break an
+    ordered pair; ``tune.num_samples`` > 1 repeats it with seeds ``seed``, ``seed + 1``, ..."""
     space = params.tune.flat_space()
     combos = itertools.product(*(d.values for d in space.values()))
     points = [dict(zip(space, combo, strict=True)) for combo in combos]
-    gmin, gmax = params.adapt.gamma_min, params.adapt.gamma_max
-    points = [p for p in points if p.get("adapt.gamma_min", gmin) < p.get("adapt.gamma_max", gmax)]
+    for lo_key, hi_key, lo, hi in ordered_pairs(params):
+        points = [p for p in points if p.get(lo_key, lo) < p.get(hi_key, hi)]
     if params.tune.num_samples == 1:
         return points
     return [{**p, "seed": params.seed + r} for r in range(params.tune.num_samples) for p in points]
 
 
 def optuna_space(params: Params):
-    """Optuna define-by-run space: gamma_max is drawn first, gamma_min below it."""
+    """Optuna define-by-run space: an ordered pair's upper value is drawn first, the lower one
+    below it."""
     space, seed = params.tune.flat_space(), params.seed
     ints = int_keys(params)
-    gmin_key, gmax_key = "adapt.gamma_min", "adapt.gamma_max"
-    floor = _gamma_floor(params)
+    pairs = ordered_pairs(params)
+    upper_of = {lo: (hi, hi_default) for lo, hi, _, hi_default in pairs}
+    floor_of = {hi: _floor(params, lo, lo_default) for lo, hi, lo_default, _ in pairs}
 
     def define(trial):
         chosen: dict[str, Any] = {}
         fixed: dict[str, Any] = {}  # returned values override what Optuna recorded
-        for key, dim in sorted(space.items(), key=lambda kv: kv[0] == gmin_key):
+        for key, dim in sorted(space.items(), key=lambda kv: kv[0] in upper_of):
             name = key.replace(".", "/")
-            bound = chosen.get(gmax_key, params.adapt.gamma_max)
+            bound = None
+            if key in upper_of:
+                hi_key, hi_default = upper_of[key]
+                bound = chosen.get(hi_key, hi_default)
             if dim.values is not None:
                 value = trial.suggest_categorical(name, dim.values)
-                if key == gmin_key and value >= bound:  # categorical spaces must stay static
+                if bound is not None and value >= bound:  # categorical spaces stay static
                     value = fixed[name] = _below(dim, bound, np.random.default_rng(seed))
             elif key in ints:
                 value = trial.suggest_int(name, int(dim.low), int(dim.high), log=dim.log)
             else:
                 low, high = dim.low, dim.high
-                if key == gmin_key:
+                if bound is not None:
                     high = min(high, bound - GAMMA_MARGIN / 2)
-                if key == gmax_key:
-                    low = max(low, floor + GAMMA_MARGIN)
+                if key in floor_of:
+                    low = max(low, floor_of[key] + GAMMA_MARGIN)
                 value = trial.suggest_float(name, low, high, log=dim.log)
             chosen[key] = value
         return fixed or None
@@ -114,8 +131,9 @@ def search_space(params: Params):
 
     tcfg, seed = params.tune, params.seed
     space, ints = tcfg.flat_space(), int_keys(params)
-    gmin_key, gmax_key = "adapt.gamma_min", "adapt.gamma_max"
-    fixed_max = params.adapt.gamma_max
+    pairs = ordered_pairs(params)
+    upper_of = {lo: (hi, hi_default) for lo, hi, _, hi_default in pairs}
+    floor_of = {hi: _floor(params, lo, lo_default) for lo, hi, lo_default, _ in pairs}
 
     if tcfg.search == "grid":
         grid = {"point": tune.grid_search(grid_points(params))}
@@ -123,17 +141,22 @@ def search_space(params: Params):
 
     if tcfg.search == "random":
         nested: dict[str, dict] = {}
-        swept_max = gmax_key in space
 
-        def gamma_min(spec, dim):
-            # attribute access: Tune resolves gamma_max first, whatever the key order
-            bound = spec.config.adapt.gamma_max if swept_max else fixed_max
+        def lower(spec, dim, hi_key, hi_default):
+            # attribute access: Tune resolves the upper value first, whatever the key order
+            bound = hi_default
+            if hi_key in space:
+                bound = spec.config
+                for part in hi_key.split("."):
+                    bound = getattr(bound, part)
             return _below(dim, bound, np.random.default_rng([seed, int(bound * 1e9)]))
 
         for key, dim in space.items():
-            section, name = key.split(".")
-            if key == gmin_key:
-                dom = tune.sample_from(lambda spec, d=dim: gamma_min(spec, d))
+            if key in upper_of:
+                hi_key, hi_default = upper_of[key]
+                dom = tune.sample_from(
+                    lambda spec, d=dim, k=hi_key, v=hi_default: lower(spec, d, k, v)
+                )
             elif dim.values is not None:
                 dom = tune.choice(dim.values)
             elif key in ints:
@@ -141,10 +164,14 @@ def search_space(params: Params):
                 dom = tune.lograndint(lo, hi) if dim.log else tune.randint(lo, hi)
             else:
                 low = dim.low
-                if key == gmax_key:  # leave room for a gamma_min below it
-                    low = max(low, _gamma_floor(params) + GAMMA_MARGIN)
+                if key in floor_of:  # leave room for a lower value below it
+                    low = max(low, floor_of[key] + GAMMA_MARGIN)
                 dom = tune.loguniform(low, dim.high) if dim.log else tune.uniform(low, dim.high)
-            nested.setdefault(section, {})[name] = dom
+            *parents, name = key.split(".")
+            node = nested
+            for part in parents:
+                node = node.setdefault(part, {})
+            node[name] = dom
         return nested, BasicVariantGenerator(random_state=seed)
 
     from ray.tune.search.optuna import OptunaSearch

@@ -8,28 +8,27 @@ finished epoch when the stage is re-run.
 
 from __future__ import annotations
 
-import csv
 import logging
-import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-import mlflow
 import numpy as np
 import ray
+import torch
 
-from components.config import ModelConfig, Params, TrainConfig
-from components.data.dataset import load_split
+from components import train_loop
+from components.config import Params
 from components.data.schema import shard_paths
 from components.data.vocab import Vocab
-from components.io import atomic_path, write_json
-from components.models.network import _unwrap, build_model, save_trained
+from components.io import atomic_path
+from components.models.network import _unwrap, save_trained
 from components.models.text import load_glove
-from components.plots import training_curves
 from components.runtime import init_ray
-from components.tracking import log_history, stage_run
-from components.training import train_epoch, val_metrics
-from pipelines import ray_train
+from components.stage_io import load_task_split, task_of, write_history
+from components.tasks import Task
+from components.tracking import log_stage, stage_run
+from components.training import train_epoch
 from pipelines.common import repo_root
 
 log = logging.getLogger(__name__)
@@ -38,20 +37,33 @@ log = logging.getLogger(__name__)
 PHASES = {"pretrain": "source", "oracle": "target"}
 
 
-def setup_supervised(config: dict) -> ray_train.Phase:
-    """Worker side: the base network trained with L_seg (Eq. 10) on one domain's labels."""
-    tcfg = TrainConfig.model_validate(config["train"])
-    mcfg = ModelConfig.model_validate(config["model"])
-    train, val = ray.get(config["train_ref"]), ray.get(config["val_ref"])
-    model = build_model(mcfg, config["vocab_size"], config.get("embeddings"))
-    w = ray_train.prepare_worker(config, model, len(train), tcfg)
+@dataclass(frozen=True)
+class SupervisedInputs:
+    """What a supervised phase's workers read."""
+
+    task: Task
+    vocab_size: int
+    embeddings: torch.Tensor | None
+    train_ref: ray.ObjectRef  # SplitArrays of the domain's train split
+    val_ref: ray.ObjectRef  # ... and its val split
+
+
+def setup_supervised(spec: train_loop.PhaseSpec) -> train_loop.Phase:
+    """Worker side: the task's base network trained with its supervised loss (referring:
+    L_seg, Eq. 10) on one domain's labels."""
+    tcfg, inp = spec.train_config(), spec.payload
+    task = inp.task
+    train, val = ray.get(inp.train_ref), ray.get(inp.val_ref)
+    model = task.build_network(inp.vocab_size, inp.embeddings)
+    w = train_loop.prepare_worker(spec, model, len(train), tcfg)
     model, device, rank, world, indices = w.model, w.device, w.rank, w.world, w.indices
     steps, opt, sched = w.steps, w.optimizer, w.scheduler
 
     def run_epoch(epoch: int, tick) -> dict:
-        rng = np.random.default_rng((config["seed"], rank, epoch))
+        rng = np.random.default_rng((spec.seed, rank, epoch))
         t0 = time.perf_counter()
         stats = train_epoch(
+            task,
             model,
             opt,
             sched,
@@ -71,9 +83,9 @@ def setup_supervised(config: dict) -> ray_train.Phase:
         }
 
     def validate() -> dict:
-        return val_metrics(_unwrap(model), val, device, mcfg.empty_threshold)
+        return task.val_metrics(_unwrap(model), val, device)
 
-    return ray_train.Phase(
+    return train_loop.Phase(
         epochs=tcfg.epochs,
         modules={"model": model},
         optimizers={"optimizer": opt, "scheduler": sched},
@@ -89,61 +101,34 @@ def run(params: Params, phase: str, data_dir: Path, out_dir: Path) -> list[dict]
     Returns the per-epoch history (loss, lr, samples_per_s, seconds, val_oiou/miou/map).
     """
     domain = PHASES[phase]
-    tcfg: TrainConfig = getattr(params, phase)
+    tcfg = getattr(params, phase)
     mcfg = params.model
+    task = task_of(params, data_dir)
     vocab = Vocab.load(data_dir / "vocab.json")
-    train = load_split(data_dir, domain, "train", vocab, mcfg.max_words, mcfg.num_superpixels)
-    val = load_split(data_dir, domain, "val", vocab, mcfg.max_words, mcfg.num_superpixels)
+    train = load_task_split(params, data_dir, domain, "train", task, vocab)
+    val = load_task_split(params, data_dir, domain, "val", task, vocab)
     embeddings = None
-    if mcfg.embeddings == "glove":
+    if mcfg.embeddings == "glove" and task.name == "referring":
         embeddings = load_glove(mcfg.glove_path, vocab, mcfg.embed_dim, params.seed)
     init_ray(params.runtime)
-    state = ray_train.fit(
+    inputs = SupervisedInputs(task, len(vocab), embeddings, ray.put(train), ray.put(val))
+    state = train_loop.fit(
         params,
         phase,
         tcfg,
         setup_supervised,
-        {
-            "train": tcfg.model_dump(mode="json"),
-            "model": mcfg.model_dump(mode="json"),
-            "vocab_size": len(vocab),
-            "embeddings": embeddings,
-            "train_ref": ray.put(train),
-            "val_ref": ray.put(val),
-        },
+        inputs,
         inputs=[*shard_paths(data_dir, domain, "train"), data_dir / "vocab.json"],
     )
-    model = build_model(mcfg, len(vocab))
+    model = task.build_network(len(vocab))
     model.load_state_dict(state["modules"]["model"])
     history = state["history"]
     meta = {"phase": phase, "domain": domain, "epochs": tcfg.epochs, "seed": params.seed}
     with atomic_path(out_dir, is_dir=True) as tmp:
-        save_trained(tmp, model, mcfg, len(vocab), meta)
+        save_trained(tmp, model, mcfg, len(vocab), meta, task)
         write_history(history, tmp / "history.csv")
-    ray_train.finish(state)
+    train_loop.finish(state)
     return history
-
-
-def write_history(history: list[dict], path: Path) -> None:
-    with open(path, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(history[0]))
-        writer.writeheader()
-        writer.writerows(history)
-
-
-def log_stage(phase: str, history: list[dict], metrics: str, plots: str, out: str, title: str):
-    """Shared tail of every training stage: DVC metrics / plots and MLflow artefacts."""
-    log_history(history)
-    final = history[-1]
-    skip = ("lr", "samples_per_s", "seconds")
-    write_json(metrics, {k: v for k, v in final.items() if k not in skip})
-    with atomic_path(plots) as tmp:
-        write_history(history, tmp)
-    with tempfile.TemporaryDirectory() as d:
-        training_curves(history, Path(d) / "curves.png", title)
-        mlflow.log_artifact(str(Path(d) / "curves.png"))
-    mlflow.log_artifacts(out, artifact_path="model")
-    log.info("%s done: %s", phase, {k: round(v, 4) for k, v in final.items()})
 
 
 def main(params: Params, phase: str, data: str, out: str, metrics: str, plots: str) -> None:
@@ -154,4 +139,5 @@ def main(params: Params, phase: str, data: str, out: str, metrics: str, plots: s
     }
     with stage_run(phase, params.runtime, used, repo_root()):
         history = run(params, phase, Path(data), Path(out))
-        log_stage(phase, history, metrics, plots, out, f"{phase} ({PHASES[phase]} labels)")
+        title = f"{phase} ({PHASES[phase]} labels, {params.data.task})"
+        log_stage(phase, history, metrics, plots, out, title)

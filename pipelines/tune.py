@@ -42,14 +42,18 @@ import ray
 import yaml
 from ray import tune
 
+from components import train_loop
+from components.adaptation.base import Upstream
+from components.adaptation.phase import AdaptInputs, load_inputs, setup_adapt
+from components.adaptation.registry import METHODS
+from components.adaptation.sda import semantics
 from components.config import Params, parse_params, set_dotted
-from components.data.dataset import load_split
 from components.data.schema import shard_paths
 from components.io import atomic_path, fingerprint, write_json
 from components.models.network import load_trained
 from components.runtime import init_ray, remove_storage, resolve_storage, storage_path
+from components.stage_io import load_task_split
 from components.tracking import stage_run, upstream_hashes
-from pipelines import adapt, ray_train, semantics
 from pipelines.common import repo_root
 from pipelines.sweep_report import (
     best_params_yaml,
@@ -89,38 +93,33 @@ def trial(config: dict, ctx: dict) -> None:
     threads = max(1, int(ctx["cpus"]))
     torch.set_num_threads(threads)
 
-    labels, extra = ctx["labels"], {}
+    upstream, extra = ctx["upstream"], {}
     base_semantics = ctx["base"]["semantics"]
-    if any(
+    if "semantics" in METHODS[params.adapt.method].requires and any(
         k.startswith("semantics.") and base_semantics[k.split(".", 1)[1]] != v
         for k, v in overrides.items()
     ):
         source, target = ray.get(ctx["source_ref"]), ray.get(ctx["target_ref"])
         res, diag = semantics.compute(ctx["stage1"], source, target, params)
-        labels = (res.labels_s, res.labels_t, res.reliable_t)
+        upstream = Upstream(res.labels_s, res.labels_t, res.reliable_t)
         extra = {f"semantics_{k}": float(v) for k, v in diag.items()}
 
-    config = adapt.phase_config(
-        params,
+    inputs = AdaptInputs(
+        ctx["task"],
         ctx["vocab_size"],
         ctx["init_state"],
-        labels,
-        (ctx["source_ref"], ctx["adapt_target_ref"], ctx["val_ref"]),
+        upstream,
+        ctx["source_ref"],
+        ctx["adapt_target_ref"],
+        ctx["val_ref"],
     )
-    config.update(
-        phase="adapt",
-        setup=adapt.setup_adapt,
-        seed=params.seed,
-        threads=threads,
-        progress=False,
-        standalone=True,
-        use_gpu=ctx["gpus"] > 0,
-    )
+    spec = train_loop.PhaseSpec("adapt", setup_adapt, params, inputs)
+    spec = train_loop.standalone(spec, threads, use_gpu=ctx["gpus"] > 0)
 
     def report(row: dict, checkpoint=None) -> None:
         tune.report({**row, **extra}, checkpoint=checkpoint)
 
-    ray_train.run_phase(config, 0, tune.get_checkpoint, report, tune.Checkpoint)
+    train_loop.run_phase(spec, 0, tune.get_checkpoint, report, tune.Checkpoint)
 
 
 # --------------------------------------------------------------------------- MLflow
@@ -238,7 +237,9 @@ def sweep_inputs(data_dir: Path, base: Path, init: Path, sem_dir: Path, masks: P
 def sweep_name(params: Params, inputs: list[Path]) -> str:
     """``<tune.name or "sweep">-<hash of inputs and params>``: re-running the same sweep after
     a crash resumes it; any change of inputs or params starts a new one."""
-    used = params.model_dump(mode="json", include={"seed", "model", "semantics", "adapt", "tune"})
+    used = params.model_dump(
+        mode="json", include={"seed", "data", "model", "semantics", "adapt", "tune"}
+    )
     return f"{params.tune.name or 'sweep'}-{fingerprint(inputs, used)}"
 
 
@@ -278,10 +279,9 @@ def run(
     )
     keys = list(tcfg.flat_space())
 
-    vocab, (source, target, val), labels = adapt.load_inputs(params, data_dir, sem_dir, masks)
-    raw_target = load_split(
-        data_dir, "target", "train", vocab, params.model.max_words, params.model.num_superpixels
-    )
+    vocab, task, (source, target, val), upstream = load_inputs(params, data_dir, sem_dir, masks)
+    # CSM reads only the target images and queries; its extraction needs the masks' shape
+    raw_target = load_task_split(params, data_dir, "target", "train", task, vocab)
     init_model, _ = load_trained(init)
     stage1, _ = load_trained(base)
     os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
@@ -291,10 +291,11 @@ def run(
         "fault": _fault(os.environ.get(FAILURE_ENV)),
         "cpus": tcfg.cpus_per_trial,
         "gpus": tcfg.gpus_per_trial,
+        "task": task,
         "vocab_size": len(vocab),
         "init_state": init_model.state_dict(),
         "stage1": stage1,
-        "labels": labels,
+        "upstream": upstream,
         "source_ref": ray.put(source),
         "target_ref": ray.put(raw_target),  # CSM reads only images and queries
         "adapt_target_ref": ray.put(target),  # semantic-based masks in place of labels

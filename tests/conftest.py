@@ -32,7 +32,7 @@ TINY_OVERRIDES = {
     "oracle": {"epochs": 1, "batch_size": 16, "warmup_steps": 2},
     "init": {"epochs": 1, "batch_size": 16, "warmup_steps": 2},
     "masks": {"epochs": 1, "batch_size": 16, "warmup_steps": 2},
-    "adapt": {"epochs": 2, "batch_size": 8, "warmup_steps": 2, "pixels": 64},
+    "adapt": {"epochs": 2, "batch_size": 8, "warmup_steps": 2, "sda": {"pixels": 64}},
     "evaluate": {"overlay_samples": 4},
     "runtime": {"object_store_memory_mb": 100},
 }
@@ -47,7 +47,7 @@ TINY_TUNE = {
     "cpus_per_trial": 0.5,
     "space": {
         "semantics": {"tau": {"values": [0.2, 0.5]}},
-        "adapt": {"gamma_max": {"values": [0.8, 0.9]}},
+        "adapt.sda": {"gamma_max": {"values": [0.8, 0.9]}},
     },
 }
 

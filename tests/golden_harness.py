@@ -12,11 +12,16 @@ import numpy as np
 import ray
 import torch
 
+from components import train_loop
+from components.adaptation.base import Upstream
+from components.adaptation.phase import AdaptInputs, setup_adapt
+from components.adaptation.sda.semantics import compute as csm
 from components.config import Params, parse_params
 from components.data.dataset import load_split
 from components.data.schema import write_shard
 from components.data.vocab import Vocab
-from pipelines import adapt, masks, ray_train, semantic_init, semantics, train
+from components.tasks import make_task
+from pipelines import masks, semantic_init, train
 from pipelines.prepare import make_rows
 from tests.conftest import tiny_params
 
@@ -36,7 +41,8 @@ def golden_params() -> Params:
     for phase in ("pretrain", "oracle", "init", "masks", "adapt"):
         raw[phase].update(epochs=2, batch_size=12, warmup_steps=2, lr=3e-3)
     raw["oracle"]["epochs"] = 1
-    raw["adapt"].update(pixels=32, lr=1e-3)
+    raw["adapt"].update(lr=1e-3)
+    raw["adapt"]["sda"]["pixels"] = 32
     raw["model"]["empty_threshold"] = 0.3  # so that the tiny models predict something
     return parse_params(raw, "golden")
 
@@ -68,18 +74,10 @@ class _Capture:
         self.rows.append(row)
 
 
-def _run(setup, config: dict, params: Params, phase: str) -> tuple[list[dict], dict]:
+def _run(setup, payload, params: Params, phase: str) -> tuple[list[dict], dict]:
     cap = _Capture()
-    config = {
-        **config,
-        "phase": phase,
-        "setup": setup,
-        "seed": params.seed,
-        "threads": 1,
-        "progress": False,
-        "standalone": True,
-    }
-    ray_train.run_phase(config, 0, lambda: None, cap.report, cap)
+    spec = train_loop.PhaseSpec(phase, setup, params, payload)
+    train_loop.run_phase(train_loop.standalone(spec, 1), 0, lambda: None, cap.report, cap)
     return cap.rows, cap.state
 
 
@@ -106,17 +104,17 @@ def run_chain(root: Path, phases=PHASES) -> dict:
     split = {(d, s): load_split(root, d, s, *args) for d, s in SIZES}
     out: dict = {}
 
+    task = make_task("referring", mcfg)
+
     def supervised(phase, domain):
-        tcfg = getattr(params, phase)
-        config = {
-            "train": tcfg.model_dump(mode="json"),
-            "model": mcfg.model_dump(mode="json"),
-            "vocab_size": len(vocab),
-            "embeddings": None,
-            "train_ref": ray.put(split[(domain, "train")]),
-            "val_ref": ray.put(split[(domain, "val")]),
-        }
-        return _run(train.setup_supervised, config, params, phase)
+        inputs = train.SupervisedInputs(
+            task,
+            len(vocab),
+            None,
+            ray.put(split[(domain, "train")]),
+            ray.put(split[(domain, "val")]),
+        )
+        return _run(train.setup_supervised, inputs, params, phase)
 
     rows, state = supervised("pretrain", "source")
     out["pretrain"] = _summary(rows, state)
@@ -127,32 +125,25 @@ def run_chain(root: Path, phases=PHASES) -> dict:
 
     stage1 = train_model(params, len(vocab), state["modules"]["model"])
     source, target = split[("source", "train")], split[("target", "train")]
-    res, diag = semantics.compute(stage1, source, target, params)
+    res, diag = csm(stage1, source, target, params)
     out["semantics"] = {k: float(v) for k, v in sorted(diag.items())}
     cats_s, cats_t, common_t = res.labels_s, res.labels_t, res.reliable_t
 
-    config = {
-        "train": params.init.model_dump(mode="json"),
-        "model": mcfg.model_dump(mode="json"),
-        "vocab_size": len(vocab),
-        "init_state": stage1.state_dict(),
-        "categories": cats_s,
-        "train_ref": ray.put(source),
-        "val_ref": ray.put(split[("source", "val")]),
-    }
-    rows, init_state = _run(semantic_init.setup_init, config, params, "init")
+    inputs = semantic_init.InitInputs(
+        task,
+        len(vocab),
+        stage1.state_dict(),
+        cats_s,
+        ray.put(source),
+        ray.put(split[("source", "val")]),
+    )
+    rows, init_state = _run(semantic_init.setup_init, inputs, params, "init")
     out["init"] = _summary(rows, init_state)
 
     _, classes = np.unique(cats_t, return_inverse=True)
     classes = classes.astype(np.int64)
-    config = {
-        "train": params.masks.model_dump(mode="json"),
-        "model": mcfg.model_dump(mode="json"),
-        "encoder_state": stage1.visual.state_dict(),
-        "classes": classes,
-        "data_ref": ray.put(target),
-    }
-    rows, mstate = _run(masks.setup_classifier, config, params, "masks")
+    inputs = masks.ClassifierInputs(stage1.visual.state_dict(), classes, ray.put(target))
+    rows, mstate = _run(masks.setup_classifier, inputs, params, "masks")
     out["masks"] = _summary(rows, mstate)
     from components.adaptation.sda.cam import MultiLabelClassifier
 
@@ -163,15 +154,17 @@ def run_chain(root: Path, phases=PHASES) -> dict:
 
     from dataclasses import replace
 
-    adapt_target = replace(target, masks=sem_masks)
-    config = adapt.phase_config(
-        params,
+    adapt_target = replace(target, masks=sem_masks, labels=None)
+    inputs = AdaptInputs(
+        task,
         len(vocab),
         init_state["modules"]["model"],
-        (cats_s, cats_t, common_t),
-        (ray.put(source), ray.put(adapt_target), ray.put(split[("target", "val")])),
+        Upstream(cats_s, cats_t, common_t),
+        ray.put(source),
+        ray.put(adapt_target),
+        ray.put(split[("target", "val")]),
     )
-    rows, astate = _run(adapt.setup_adapt, config, params, "adapt")
+    rows, astate = _run(setup_adapt, inputs, params, "adapt")
     out["adapt"] = _summary(rows, astate)
     return out
 

@@ -7,7 +7,7 @@ from tests.conftest import ROOT, real_params
 
 def test_real_params_file_is_valid():
     params = load_params(ROOT / "params.yaml")
-    assert params.adapt.gamma_min < params.adapt.gamma_max
+    assert params.adapt.sda.gamma_min < params.adapt.sda.gamma_max
     assert params.semantics.tau == 0.2  # paper default
 
 
@@ -23,13 +23,20 @@ def _error_for(mutate) -> str:
     ("mutate", "expected"),
     [
         (lambda r: r["semantics"].update(tau=-0.1), "semantics.tau"),
-        (lambda r: r["adapt"].update(gamma_min=0.9, gamma_max=0.5), "gamma_min (0.9) must be <"),
+        (
+            lambda r: r["adapt"]["sda"].update(gamma_min=0.9, gamma_max=0.5),
+            "adapt.sda: gamma_min (0.9) must be < gamma_max (0.5)",
+        ),
         (lambda r: r["adapt"].update(method="nope"), "adapt.method"),
         (lambda r: r.pop("pretrain"), "pretrain: missing section"),
         (lambda r: r["pretrain"].update(epocs=3), "pretrain.epocs: unknown field"),
         (lambda r: r["pretrain"].update(epochs=0), "pretrain.epochs"),
         (lambda r: r["semantics"].update(beta=1.5), "semantics.beta"),
-        (lambda r: r["adapt"].update(lambda1=-1), "adapt.lambda1"),
+        (lambda r: r["adapt"]["sda"].update(lambda1=-1), "adapt.sda.lambda1"),
+        (lambda r: r["adapt"].update(gamma_max=0.5), "adapt.gamma_max: unknown field"),
+        (lambda r: r["adapt"].update(dida={"phi": 0.5}), "section adapt.dida is given but"),
+        (lambda r: r["data"].update(task="semantic"), "sda does not run on data.task 'semantic'"),
+        (lambda r: r["data"].update(task="depth"), "data.task"),
         (lambda r: r["data"]["query_mix"].update(one=0.9), "data.query_mix"),
         (lambda r: r["data"].update(min_objects=5, max_objects=2), "min_objects"),
         (lambda r: r["model"].update(embeddings="glove"), "glove_path is required"),

@@ -14,7 +14,10 @@ from components.adaptation.sda.clustering import agglomerative, cluster_contents
 from components.adaptation.sda.method import SDA
 from components.adaptation.sda.rrb import MIDiscriminator, mutual_information
 from components.adaptation.sda.semantics import Extracted, build
-from components.config import AdaptConfig, ModelConfig, SemanticsConfig
+from components.adaptation.base import Upstream
+from components.adaptation.configs import SDAConfig
+from components.config import ModelConfig, SemanticsConfig
+from components.tasks import make_task
 from components.models.network import build_model
 
 
@@ -239,7 +242,8 @@ def test_superpixel_refinement_by_hand():
 def test_sda_step_runs_every_branch_and_handles_empty_pseudo_masks():
     torch.manual_seed(0)
     mcfg = ModelConfig(widths=[8, 16, 16, 24], hidden=16, embed_dim=12, num_superpixels=10)
-    method = SDA(build_model(mcfg, 20), AdaptConfig(), mcfg.hidden, mcfg.scales)
+    upstream = Upstream(np.array([0, 1, 0, 1]), np.array([0, 1, 0, 1]), np.ones(4, dtype=bool))
+    method = SDA(build_model(mcfg, 20), SDAConfig(), make_task("referring", mcfg), upstream)
 
     def batch(seed):
         g = torch.Generator().manual_seed(seed)
@@ -253,21 +257,22 @@ def test_sda_step_runs_every_branch_and_handles_empty_pseudo_masks():
             "mask": mask,
         }
 
-    cats = torch.tensor([0, 1, 0, 1])
-    args = (cats, cats, torch.ones(4, dtype=torch.bool), torch.tensor([True, True]))
-    loss, logs = method.loss(batch(0), batch(1), *args)
+    def labelled(seed):
+        return {**batch(seed), **upstream.batch_fields("target", np.arange(4))}
+
+    loss, logs = method.step(labelled(0), labelled(1))
     assert torch.isfinite(loss)
     assert {"l_ct", "l_aux", "l_ho", "l_cfb"} <= set(logs)
     assert logs["empty_pseudo"] == 0.0 and logs["anchors_st"] > 0
     # no target pixel can pass gamma_max = 1: the contrast is skipped, nothing breaks
-    method.cfg = AdaptConfig(gamma_max=1.0)
-    empty, logs = method.loss(batch(0), batch(1), *args)
+    method.cfg = SDAConfig(gamma_max=1.0)
+    empty, logs = method.step(labelled(0), labelled(1))
     assert torch.isfinite(empty) and logs["empty_pseudo"] == 1.0
     loss.backward()
     assert method.aux.heads[0].out.weight.grad is not None
     assert all(p.grad is None for p in method.teacher.parameters())
     before = [p.clone() for p in method.teacher.parameters()]
-    method.update_teacher()
+    method.after_step()
     assert all(
         torch.allclose(b, p) for b, p in zip(before, method.teacher.parameters(), strict=True)
     )

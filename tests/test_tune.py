@@ -33,9 +33,11 @@ def _params(raw: dict, **tune):
 
 # --------------------------------------------------------------------------- fast
 def test_grid_drops_pairs_with_gamma_min_not_below_gamma_max(tiny_raw):
-    space = {"adapt": {"gamma_max": {"values": [0.3, 0.9]}, "gamma_min": {"values": [0.1, 0.5]}}}
+    space = {
+        "adapt.sda": {"gamma_max": {"values": [0.3, 0.9]}, "gamma_min": {"values": [0.1, 0.5]}}
+    }
     points = sweep_space.grid_points(_params(tiny_raw, search="grid", space=space))
-    assert {(p["adapt.gamma_min"], p["adapt.gamma_max"]) for p in points} == {
+    assert {(p["adapt.sda.gamma_min"], p["adapt.sda.gamma_max"]) for p in points} == {
         (0.1, 0.3),
         (0.1, 0.9),
         (0.5, 0.9),
@@ -53,7 +55,10 @@ def test_random_gamma_min_is_sampled_below_gamma_max():
 
 def test_optuna_space_keeps_gamma_min_below_gamma_max(tiny_raw):
     space = {
-        "adapt": {"gamma_max": {"low": 0.2, "high": 0.9}, "gamma_min": {"low": 0.1, "high": 0.8}}
+        "adapt.sda": {
+            "gamma_max": {"low": 0.2, "high": 0.9},
+            "gamma_min": {"low": 0.1, "high": 0.8},
+        }
     }
     define = sweep_space.optuna_space(_params(tiny_raw, search="optuna", space=space))
     study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(0))
@@ -61,7 +66,7 @@ def test_optuna_space_keeps_gamma_min_below_gamma_max(tiny_raw):
         trial = study.ask()
         fixed = define(trial) or {}
         values = {**trial.params, **fixed}
-        assert values["adapt/gamma_min"] < values["adapt/gamma_max"]
+        assert values["adapt/sda/gamma_min"] < values["adapt/sda/gamma_max"]
         study.tell(trial, 0.0)
 
 
@@ -72,22 +77,24 @@ def test_random_space_samples_valid_gamma_pairs_and_integers(tiny_raw, order):
     pair = [("gamma_max", {"low": 0.2, "high": 0.9}), ("gamma_min", {"low": 0.1, "high": 0.8})]
     adapt = dict(pair if order == "max_first" else pair[::-1])
     adapt["pixels"] = {"low": 64, "high": 512}
-    params = _params(tiny_raw, search="random", space={"adapt": adapt})
+    params = _params(tiny_raw, search="random", space={"adapt.sda": adapt})
     space, _ = sweep_space.search_space(params)
     for _ in range(30):
         _, config = next(generate_variants(space))
         values = sweep_space.overrides_of(config)
-        assert values["adapt.gamma_min"] < values["adapt.gamma_max"]
-        assert isinstance(values["adapt.pixels"], int) and 64 <= values["adapt.pixels"] <= 512
+        assert values["adapt.sda.gamma_min"] < values["adapt.sda.gamma_max"]
+        assert (
+            isinstance(values["adapt.sda.pixels"], int) and 64 <= values["adapt.sda.pixels"] <= 512
+        )
 
 
 def test_optuna_searcher_suggests_without_a_param_space(tiny_raw):
-    space = {"adapt": {"gamma_max": {"low": 0.5, "high": 0.9}, "lambda1": {"values": [0.5, 1]}}}
+    space = {"adapt.sda": {"gamma_max": {"low": 0.5, "high": 0.9}, "lambda1": {"values": [0.5, 1]}}}
     params = _params(tiny_raw, search="optuna", space=space)
     param_space, searcher = sweep_space.search_space(params)
     assert param_space == {}  # Tune then never hands metric / mode to the searcher itself
     config = searcher.suggest("trial-1")
-    assert set(sweep_space.overrides_of(config)) == {"adapt.gamma_max", "adapt.lambda1"}
+    assert set(sweep_space.overrides_of(config)) == {"adapt.sda.gamma_max", "adapt.sda.lambda1"}
 
 
 def test_grid_repeats_use_successive_seeds(tiny_raw):
@@ -99,8 +106,10 @@ def test_grid_repeats_use_successive_seeds(tiny_raw):
 def test_trial_config_becomes_dotted_overrides():
     nested = {"semantics": {"tau": np.float64(0.3)}, "adapt": {"lambda1": 2.0}}
     assert sweep_space.overrides_of(nested) == {"semantics.tau": 0.3, "adapt.lambda1": 2.0}
-    assert sweep_space.overrides_of({"adapt/gamma_max": 0.8}) == {"adapt.gamma_max": 0.8}
-    assert sweep_space.overrides_of({"point": {"adapt.lambda2": 0.5}}) == {"adapt.lambda2": 0.5}
+    assert sweep_space.overrides_of({"adapt/sda/gamma_max": 0.8}) == {"adapt.sda.gamma_max": 0.8}
+    assert sweep_space.overrides_of({"point": {"adapt.sda.lambda2": 0.5}}) == {
+        "adapt.sda.lambda2": 0.5
+    }
 
 
 def test_best_params_file_is_a_params_overlay(tiny_raw, tmp_path):
@@ -111,17 +120,17 @@ def test_best_params_file_is_a_params_overlay(tiny_raw, tmp_path):
             "status": ["COMPLETED", "STOPPED", "COMPLETED", "ERROR"],
             "epochs": [2, 1, 2, 0],
             "semantics.tau": [0.2, 0.5, 0.5, 0.2],
-            "adapt.gamma_max": [0.8, 0.8, 0.9, 0.9],
+            "adapt.sda.gamma_max": [0.8, 0.8, 0.9, 0.9],
             "val_oiou": [0.4, 0.1, 0.5, np.nan],
             "unsup_confidence": [0.7, 0.2, 0.8, np.nan],
             "unsup_agreement": [0.5, 0.6, 0.4, np.nan],
         }
     )
     table["objective"] = table["val_oiou"]
-    keys = ["semantics.tau", "adapt.gamma_max"]
+    keys = ["semantics.tau", "adapt.sda.gamma_max"]
     text = sweep_report.best_params_yaml(table.iloc[2], keys, params.tune, "s")
-    assert yaml.safe_load(text) == {"semantics": {"tau": 0.5}, "adapt": {"gamma_max": 0.9}}
-    assert "-S semantics.tau=0.5 -S adapt.gamma_max=0.9" in text
+    assert yaml.safe_load(text) == {"semantics": {"tau": 0.5}, "adapt": {"sda": {"gamma_max": 0.9}}}
+    assert "-S semantics.tau=0.5 -S adapt.sda.gamma_max=0.9" in text
     plots = sweep_report.sensitivity_plots(table, keys, "val_oiou", tmp_path)
     assert [p.name for p in plots] == [f"sensitivity_{k}.png" for k in keys]
     assert all(p.stat().st_size > 0 for p in plots)
@@ -133,18 +142,18 @@ def test_best_params_file_is_a_params_overlay(tiny_raw, tmp_path):
     [
         ({"space": {"semantics": {"temp": {"values": [1]}}}}, "tune.space.semantics.temp: unknown"),
         ({"space": {"model": {"hidden": {"values": [8]}}}}, "model.hidden: not a tunable"),
-        ({"space": {"adapt": {"lambda1": {"values": []}}}}, "lambda1: values is empty"),
-        ({"space": {"adapt": {"lambda1": {"low": 2, "high": 1}}}}, "low (2.0) must be < high"),
+        ({"space": {"adapt.sda": {"lambda1": {"values": []}}}}, "lambda1: values is empty"),
+        ({"space": {"adapt.sda": {"lambda1": {"low": 2, "high": 1}}}}, "low (2.0) must be < high"),
         ({"space": {"semantics": {"tau": {"values": [0.1, -1]}}}}, "value -1 is refused"),
         ({"space": {"semantics": {"tau": {"low": 0, "high": 1, "log": True}}}}, "needs low > 0"),
         (
-            {"space": {"adapt": {"gamma_min": {"values": [0.95]}}}},
+            {"space": {"adapt.sda": {"gamma_min": {"values": [0.95]}}}},
             "no gamma_min below it (smallest gamma_min: 0.95)",
         ),
         ({"metric": "accuracy"}, "tune.metric"),
         (
-            {"search": "grid", "space": {"adapt": {"lambda1": {"low": 0.1, "high": 1}}}},
-            "grid search needs `values` for adapt.lambda1",
+            {"search": "grid", "space": {"adapt.sda": {"lambda1": {"low": 0.1, "high": 1}}}},
+            "grid search needs `values` for adapt.sda.lambda1",
         ),
         ({"space": {}}, "space is empty"),
     ],
@@ -203,7 +212,7 @@ def test_dvc_repro_tune_runs_the_sweep_and_tracks_every_trial(repo):
     table = pd.read_parquet(repo / "tune/trials.parquet")
     assert len(table) == 4
     assert set(table.status) <= {"COMPLETED", "STOPPED"} and "COMPLETED" in set(table.status)
-    assert sorted(zip(table["semantics.tau"], table["adapt.gamma_max"], strict=True)) == [
+    assert sorted(zip(table["semantics.tau"], table["adapt.sda.gamma_max"], strict=True)) == [
         (0.2, 0.8),
         (0.2, 0.9),
         (0.5, 0.8),
@@ -215,18 +224,18 @@ def test_dvc_repro_tune_runs_the_sweep_and_tracks_every_trial(repo):
     overlay = yaml.safe_load((repo / "tune/best_params.yaml").read_text())
     assert overlay == {
         "semantics": {"tau": best["semantics.tau"]},
-        "adapt": {"gamma_max": best["adapt.gamma_max"]},
+        "adapt": {"sda": {"gamma_max": best["adapt.sda.gamma_max"]}},
     }
     summary = yaml.safe_load((repo / "metrics/tune.json").read_text())
     assert summary["trials"] == 4 and summary["failed"] == 0
     assert summary["trial_epochs"] == table.epochs.sum() <= 4 * TINY_TUNE["epochs"]
-    for key in ("semantics.tau", "adapt.gamma_max"):
+    for key in ("semantics.tau", "adapt.sda.gamma_max"):
         assert (repo / f"plots/tune/sensitivity_{key}.png").is_file()
 
     children = _children(repo, "sweep")  # tune.name: null
     assert len(children) == 4 and set(children.status) == {"FINISHED"}
     assert set(children["tags.adaseg.trial_id"]) == set(table.trial_id)
-    assert set(children["params.adapt.gamma_max"].astype(float)) == {0.8, 0.9}
+    assert set(children["params.adapt.sda.gamma_max"].astype(float)) == {0.8, 0.9}
     assert children["metrics.val_oiou"].notna().all()
     tagged = children[children["tags.adaseg.best"] == "true"]
     assert tagged["tags.adaseg.trial_id"].tolist() == [best.trial_id]
@@ -240,19 +249,19 @@ def test_dvc_repro_tune_runs_the_sweep_and_tracks_every_trial(repo):
 
 @pytest.mark.slow
 def test_crashing_trial_is_retried_then_marked_failed(repo):
-    env = {**repo_env(repo), sweep.FAILURE_ENV: "adapt.gamma_max=0.8"}
+    env = {**repo_env(repo), sweep.FAILURE_ENV: "adapt.sda.gamma_max=0.8"}
     cmd = _tune_cmd("failing", "fail", "-S", "tune.max_failures=1")
     proc = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     table = pd.read_parquet(repo / "fail/tune/trials.parquet")
     failed = table[table.status == "ERROR"]
-    assert sorted(failed["adapt.gamma_max"]) == [0.8, 0.8]
-    assert (table[table.status != "ERROR"]["adapt.gamma_max"] == 0.9).all()
+    assert sorted(failed["adapt.sda.gamma_max"]) == [0.8, 0.8]
+    assert (table[table.status != "ERROR"]["adapt.sda.gamma_max"] == 0.9).all()
     assert yaml.safe_load((repo / "fail/tune/best_params.yaml").read_text())["adapt"] == {
-        "gamma_max": 0.9
+        "sda": {"gamma_max": 0.9}
     }
     children = _children(repo, "failing")
-    bad = children[children["params.adapt.gamma_max"].astype(float) == 0.8]
+    bad = children[children["params.adapt.sda.gamma_max"].astype(float) == 0.8]
     assert len(bad) == 2 and set(bad.status) == {"FAILED"}
     assert set(bad["tags.adaseg.failures"]) == {"2"}  # retried once (max_failures), then failed
     assert bad["tags.adaseg.error"].str.contains("injected failure").all()

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from components.data.schema import decode_sample, read_shards, shard_paths
+from components.data.schema import DataError, decode_sample, read_shards, shard_paths
 from components.data.vocab import Vocab
 
 LOAD_COLUMNS = [
@@ -24,7 +24,10 @@ LOAD_COLUMNS = [
     "target_rle",
     "target_categories",
     "superpixels_png",
+    "image_id",
+    "semantic_png",
 ]
+IGNORE_INDEX = 255
 
 
 @dataclass
@@ -40,35 +43,61 @@ class SplitArrays:
     tokens: np.ndarray  # (N, L) int64, 0 = pad
     lengths: np.ndarray  # (N,) int64
     true_categories: np.ndarray  # (N,) first referred category, 0 if none (diagnostics only)
+    labels: np.ndarray | None = None  # (N, H, W) uint8 semantic map, 255 = ignore
 
     def __len__(self) -> int:
         return len(self.sample_ids)
 
 
 def load_split(
-    root: str | Path, domain: str, split: str, vocab: Vocab, max_words: int, num_superpixels: int
+    root: str | Path,
+    domain: str,
+    split: str,
+    vocab: Vocab,
+    max_words: int,
+    num_superpixels: int,
+    task: str = "referring",
+    num_classes: int | None = None,
 ) -> SplitArrays:
     """Read and validate ``<root>/<domain>/<split>/*.parquet``.
 
+    ``task="referring"``: one sample per row (image, query, mask). ``task="semantic"``: one
+    sample per image (the first row of each ``image_id``), its semantic map as labels, no
+    query; every class id must lie in ``[0, num_classes)`` or be the ignore index 255.
     Superpixel labels beyond ``num_superpixels - 1`` are merged into the last region slot.
 
     Raises:
         DataError: naming the shard and sample id of any bad row.
     """
-    images, masks, sps, toks, lens = [], [], [], [], []
+    semantic = task == "semantic"
+    images, masks, sps, toks, lens, labels = [], [], [], [], [], []
     ids, qtypes, queries, cats = [], [], [], []
+    seen: set[str] = set()
     for path in shard_paths(Path(root), domain, split):
         for row in read_shards([path], LOAD_COLUMNS).to_pylist():
-            dec = decode_sample(row, path)
+            if semantic:
+                if row["image_id"] in seen:
+                    continue
+                seen.add(row["image_id"])
+            has_map = semantic or bool(row.get("semantic_png"))
+            dec = decode_sample(row, path, semantic_map=has_map, query=not semantic)
             images.append(dec["image"])
-            masks.append(dec["mask"])
             sps.append(np.minimum(dec["superpixels"].astype(np.int16), num_superpixels - 1))
-            t, n = vocab.encode(row["query"], max_words)
-            toks.append(t)
-            lens.append(n)
-            ids.append(row["sample_id"])
+            labels.append(dec.get("semantic"))
+            if semantic:
+                check_classes(dec["semantic"], num_classes, path, row["sample_id"])
+                masks.append((dec["semantic"] > 0) & (dec["semantic"] != IGNORE_INDEX))
+                toks.append(np.zeros(max_words, dtype=np.int64))
+                lens.append(1)
+                queries.append("")
+            else:
+                masks.append(dec["mask"])
+                t, n = vocab.encode(row["query"], max_words)
+                toks.append(t)
+                lens.append(n)
+                queries.append(row["query"])
+            ids.append(row["image_id"] if semantic else row["sample_id"])
             qtypes.append(row["query_type"])
-            queries.append(row["query"])
             cats.append((row["target_categories"] or [0])[0])
     return SplitArrays(
         sample_ids=ids,
@@ -80,7 +109,21 @@ def load_split(
         tokens=np.stack(toks),
         lengths=np.asarray(lens, dtype=np.int64),
         true_categories=np.asarray(cats, dtype=np.int64),
+        # a referring dataset without semantic maps (e.g. RefCOCO) carries no labels
+        labels=None if any(lb is None for lb in labels) else np.stack(labels),
     )
+
+
+def check_classes(label: np.ndarray, num_classes: int | None, path, sample_id: str) -> None:
+    """Class ids of a semantic map must be in ``[0, num_classes)`` or the ignore index."""
+    if num_classes is None:
+        raise ValueError("the semantic task needs num_classes")
+    bad = (label >= num_classes) & (label != IGNORE_INDEX)
+    if bad.any():
+        raise DataError(
+            f"{path}: sample {sample_id}: class ids {sorted(set(label[bad].tolist()))} outside "
+            f"[0, {num_classes}) and not the ignore index {IGNORE_INDEX}"
+        )
 
 
 def to_batch(arr: SplitArrays, idx: np.ndarray, device: torch.device) -> dict[str, torch.Tensor]:
@@ -93,6 +136,11 @@ def to_batch(arr: SplitArrays, idx: np.ndarray, device: torch.device) -> dict[st
         "superpixels": torch.from_numpy(arr.superpixels[idx]).to(device).long(),  # (B, H, W)
         "tokens": torch.from_numpy(arr.tokens[idx]).to(device),  # (B, L)
         "lengths": torch.from_numpy(arr.lengths[idx]),  # (B,) stays on CPU for packing
+        **(
+            {"label": torch.from_numpy(arr.labels[idx]).to(device).long()}  # (B, H, W)
+            if arr.labels is not None
+            else {}
+        ),
     }
 
 

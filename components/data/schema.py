@@ -114,8 +114,11 @@ def read_shards(paths: Iterable[Path], columns: list[str] | None = None) -> pa.T
     return pa.concat_tables(tables)
 
 
-def decode_sample(row: dict, source: str | Path) -> dict[str, np.ndarray]:
-    """Decode one row's image, target mask and superpixels, validating them.
+def decode_sample(
+    row: dict, source: str | Path, semantic_map: bool = False, query: bool = True
+) -> dict[str, np.ndarray]:
+    """Decode one row's image, target mask and superpixels (and its semantic map when
+    ``semantic_map``), validating them.
 
     Raises:
         DataError: naming ``source`` and the sample id for a corrupt image, a mask or label map
@@ -130,7 +133,7 @@ def decode_sample(row: dict, source: str | Path) -> dict[str, np.ndarray]:
     if image.ndim != 3 or image.shape[2] != 3:
         raise DataError(f"{where}: image must be RGB, got shape {image.shape}")
     h, w = image.shape[:2]
-    if not isinstance(row.get("query"), str) or not row["query"].strip():
+    if query and (not isinstance(row.get("query"), str) or not row["query"].strip()):
         raise DataError(f"{where}: empty query")
     mask = decode_rle(row["target_rle"])
     if mask.shape != (h, w):
@@ -143,4 +146,15 @@ def decode_sample(row: dict, source: str | Path) -> dict[str, np.ndarray]:
         raise DataError(
             f"{where}: superpixel map size {superpixels.shape} differs from image size {(h, w)}"
         )
-    return {"image": image, "mask": mask, "superpixels": superpixels}
+    out = {"image": image, "mask": mask, "superpixels": superpixels}
+    if semantic_map:
+        if not row.get("semantic_png"):
+            raise DataError(f"{where}: no semantic map (semantic_png is empty)")
+        try:
+            sem = decode_png(row["semantic_png"])
+        except (UnidentifiedImageError, OSError, ValueError, TypeError) as err:
+            raise DataError(f"{where}: corrupt semantic map ({err})") from None
+        if sem.shape != (h, w):
+            raise DataError(f"{where}: semantic map size {sem.shape} differs from image size")
+        out["semantic"] = sem.astype(np.uint8)
+    return out

@@ -12,22 +12,24 @@ from torch import nn
 
 
 class FCNHead(nn.Module):
-    def __init__(self, hidden: int):
+    def __init__(self, hidden: int, out_channels: int = 1):
         super().__init__()
         self.conv1 = nn.Conv2d(hidden, hidden, 3, padding=1)
         self.conv2 = nn.Conv2d(hidden, hidden, 3, padding=1)
-        self.out = nn.Conv2d(hidden, 1, 1)
+        self.out = nn.Conv2d(hidden, out_channels, 1)
 
     def forward(self, x):
         y = F.relu(self.conv1(x))
         y = F.relu(self.conv2(y) + x)  # residual connection
-        return self.out(y)  # (B, 1, H, W) logits
+        return self.out(y)  # (B, out_channels, H, W) logits
 
 
 class MultiScaleDecoder(nn.Module):
-    def __init__(self, hidden: int, scales: int):
+    """One head per scale: a response map (1 channel, referring) or C class logits."""
+
+    def __init__(self, hidden: int, scales: int, out_channels: int = 1):
         super().__init__()
-        self.heads = nn.ModuleList(FCNHead(hidden) for _ in range(scales))
+        self.heads = nn.ModuleList(FCNHead(hidden, out_channels) for _ in range(scales))
 
     def forward(self, feats):
         """feats: finest-first list of (B, C, H_i, W_i) -> finest-first list of logits."""

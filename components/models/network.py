@@ -91,8 +91,11 @@ def predict_masks(response: torch.Tensor, empty_threshold: float):
     return masks, score
 
 
-def save_trained(folder, model: nn.Module, cfg: ModelConfig, vocab_size: int, meta: dict) -> None:
-    """Write ``model.pt`` (a plain state_dict) and ``model.json`` (how to rebuild it)."""
+def save_trained(
+    folder, model: nn.Module, cfg: ModelConfig, vocab_size: int, meta: dict, task=None
+) -> None:
+    """Write ``model.pt`` (a plain state_dict) and ``model.json`` (how to rebuild it: the model
+    params, the vocabulary size and the task with its class names)."""
     import json
     from pathlib import Path
 
@@ -100,17 +103,28 @@ def save_trained(folder, model: nn.Module, cfg: ModelConfig, vocab_size: int, me
     state = {k: v.detach().cpu() for k, v in _unwrap(model).state_dict().items()}
     torch.save(state, folder / "model.pt")
     info = {"model": cfg.model_dump(mode="json"), "vocab_size": vocab_size, **meta}
+    if task is not None:
+        info["task"] = task.name
+        info["class_names"] = list(task.class_names)
     (folder / "model.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
 
 
-def load_trained(folder, map_location="cpu") -> tuple[QuerySegNet, dict]:
-    """Rebuild a model written by :func:`save_trained` (tensors only: ``weights_only=True``)."""
+def load_trained(folder, map_location="cpu") -> tuple[nn.Module, dict]:
+    """Rebuild a model written by :func:`save_trained` (tensors only: ``weights_only=True``).
+
+    ``info["task_obj"]`` is the :class:`~components.tasks.Task` the model was trained for.
+    """
     import json
     from pathlib import Path
 
+    from components.tasks import make_task
+
     folder = Path(folder)
     info = json.loads((folder / "model.json").read_text())
-    model = build_model(ModelConfig.model_validate(info["model"]), info["vocab_size"])
+    mcfg = ModelConfig.model_validate(info["model"])
+    task = make_task(info.get("task", "referring"), mcfg, info.get("class_names"))
+    info["task_obj"] = task
+    model = task.build_network(info["vocab_size"])
     state = torch.load(folder / "model.pt", map_location=map_location, weights_only=True)
     model.load_state_dict(state)
     return model, info

@@ -4,7 +4,9 @@ One training step sees a labeled source batch and an unlabeled target batch. The
 the base network plus an auxiliary decoder (RRB) and an MI discriminator; the mean teacher is
 an EMA copy of the base network that supplies the domain-based target pseudo masks and the
 features stored in the memory bank. Every ablation row of Tables 3 and 5 is a switch of
-:class:`~components.config.AdaptConfig`.
+:class:`~components.adaptation.configs.SDAConfig` (``adapt.sda``). Referring task only: its
+categories come from the queries' words (``semantics`` stage) and its target masks from the
+``masks`` stage.
 
 Conventions (assumed): contrast and hierarchical optimisation run on feature-map cells; a cell
 is foreground / background when more than half of its pixels are. Only *common* categories take
@@ -20,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from components.adaptation.base import AdaptationMethod, Upstream
+from components.adaptation.configs import SDAConfig
 from components.adaptation.sda.cfb import (
     MemoryBank,
     ema_update,
@@ -33,10 +37,9 @@ from components.adaptation.sda.rrb import (
     hierarchical_loss_source,
     hierarchical_loss_target,
 )
-from components.config import AdaptConfig
 from components.losses import multiscale_bce
 from components.models.decoder import MultiScaleDecoder
-from components.models.network import QuerySegNet
+from components.tasks import Task
 
 
 def cells(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -50,34 +53,46 @@ def sentence(out: dict) -> torch.Tensor:
     return (out["query"] * m).sum(1) / m.sum(1).clamp_min(1)
 
 
-class SDA(nn.Module):
+def common_categories(upstream: Upstream) -> torch.Tensor:
+    """(k_s,) bool: the source categories that have reliable target samples."""
+    src_cat = torch.as_tensor(upstream.source_categories)
+    tgt_cat = torch.as_tensor(upstream.target_categories)
+    tgt_common = torch.as_tensor(upstream.target_common)
+    k_s = int(src_cat.max()) + 1
+    common_set = torch.zeros(k_s, dtype=torch.bool)
+    common_set[tgt_cat[tgt_common & (tgt_cat < k_s)].unique()] = True
+    return common_set
+
+
+class SDA(AdaptationMethod):
     """Trainable parts: ``student`` (the base network), ``aux`` decoder, ``phi``."""
 
-    def __init__(self, base: QuerySegNet, cfg: AdaptConfig, hidden: int, scales: int):
-        super().__init__()
-        self.cfg = cfg
-        self.student = base
+    Config = SDAConfig
+    requires = frozenset({"semantics", "masks"})
+
+    def __init__(self, network: nn.Module, cfg: SDAConfig, task: Task, upstream: Upstream):
+        super().__init__(network, cfg, task, upstream)
+        hidden, scales = task.model.hidden, task.model.scales
         self.aux = MultiScaleDecoder(hidden, scales)
         self.phi = MIDiscriminator(hidden, hidden)
-        self.teacher = copy.deepcopy(base).requires_grad_(False)
+        self.teacher = copy.deepcopy(network).requires_grad_(False)
         self.bank = MemoryBank(cfg.memory_size)
-
-    def trainable(self):
-        return [p for n, p in self.named_parameters() if not n.startswith("teacher.")]
+        self.register_buffer("common_set", common_categories(upstream), persistent=False)
 
     def forward_base(self, net, batch):
         return net(batch["image"], batch["tokens"], batch["lengths"], batch["superpixels"])
 
-    def loss(self, src: dict, tgt: dict, src_cat, tgt_cat, tgt_common, common_set, gen=None):
+    def step(self, src: dict, tgt: dict, gen=None):
         """One step's loss and its parts.
 
         Args:
-            src: source batch (with ``mask`` = A^s); tgt: target batch whose ``mask`` holds the
-                semantic-based masks A-bar^t (never target ground truth);
-            src_cat / tgt_cat: (B,) categories; tgt_common: (B,) reliable target samples;
-            common_set: (k_s,) bool, the source categories that have reliable target samples.
+            src: source batch (``mask`` = A^s, ``category``: (B,) CSM categories); tgt: target
+                batch whose ``mask`` holds the semantic-based masks A-bar^t (never target
+                ground truth), with ``category`` and ``common`` (reliable samples).
         """
         cfg = self.cfg
+        src_cat, tgt_cat, tgt_common = src["category"], tgt["category"], tgt["common"]
+        common_set = self.common_set
         out_s, out_t = self.forward_base(self.student, src), self.forward_base(self.student, tgt)
         self.teacher.eval()
         with torch.no_grad():
@@ -192,5 +207,5 @@ class SDA(nn.Module):
         return l_st + l_ts, logs
 
     @torch.no_grad()
-    def update_teacher(self) -> None:
+    def after_step(self) -> None:
         ema_update(self.teacher, self.student, self.cfg.ema)

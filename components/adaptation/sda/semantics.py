@@ -189,3 +189,15 @@ def diagnostics(res: SemanticsResult, truth_s: np.ndarray, truth_t: np.ndarray) 
         "nmi_source": float(normalized_mutual_info_score(truth_s, res.labels_s)),
         "nmi_target": float(normalized_mutual_info_score(truth_t, res.labels_t)),
     }
+
+
+def compute(model, source: SplitArrays, target: SplitArrays, params):
+    """CSM in this process: extraction, predictor, clustering; returns (result, diagnostics).
+
+    ``result.labels_s`` / ``labels_t`` / ``reliable_t`` follow the row order of the splits.
+    """
+    thr = params.model.empty_threshold
+    src = extract(model, source, 64, torch.device("cpu"), thr)
+    tgt = extract(model, target, 64, torch.device("cpu"), thr)
+    res = build(src, tgt, params.semantics, params.seed)
+    return res, diagnostics(res, source.true_categories, target.true_categories)

@@ -2,6 +2,10 @@
 checkpoints and resume. Every training stage (pretrain, oracle, init, masks, adapt) supplies a
 ``Phase``: how to build its modules, run one epoch and validate; this module does the rest.
 
+Across the Ray boundary goes one frozen :class:`PhaseSpec`: the validated params, the phase's
+set-up function and its typed inputs (``payload``, a frozen dataclass holding ObjectRefs for
+the large arrays). Nothing is re-validated on the worker side.
+
 Resume: the run is named after a hash of its inputs, so re-running an interrupted stage finds
 the run's state in ``runtime.storage_path``; Ray Train hands the last checkpoint to the new
 workers (``ray.train.get_checkpoint()``) and training continues after the last finished epoch.
@@ -15,8 +19,9 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -34,7 +39,6 @@ from components.runtime import (
     storage_path,
 )
 from components.training import make_optimizer
-from pipelines.common import repo_root
 
 
 @dataclass
@@ -50,11 +54,33 @@ class Phase:
     extra_state: dict = field(default_factory=dict)  # e.g. memory banks, saved as tensors
 
 
-def worker_info(config: dict) -> tuple[int, int, torch.device]:
+@dataclass(frozen=True)
+class PhaseSpec:
+    """Everything a worker needs to build and run a phase; pickled once to every worker."""
+
+    phase: str  # the stage's name: pretrain, oracle, init, masks, adapt
+    setup: Callable[[PhaseSpec], Phase]  # builds the phase inside the worker
+    params: Params  # validated on the driver, frozen
+    payload: Any  # the phase's typed inputs (a frozen dataclass)
+    threads: int = 1  # torch threads per worker
+    progress: bool = False  # live progress bar (a terminal)
+    standalone: bool = False  # a Ray Tune trial or a test: no Ray Train context
+    use_gpu: bool = False  # standalone only; Ray Train workers get their device from Ray
+
+    @property
+    def seed(self) -> int:
+        return self.params.seed
+
+    def train_config(self) -> TrainConfig:
+        """The phase's params section (``params.<phase>``)."""
+        return getattr(self.params, self.phase)
+
+
+def worker_info(spec: PhaseSpec) -> tuple[int, int, torch.device]:
     """(rank, world size, device) of this process: a Ray Train worker, or a standalone
-    process such as a Ray Tune trial (``config["standalone"]``)."""
-    if config.get("standalone"):
-        cuda = config.get("use_gpu", False) and torch.cuda.is_available()
+    process such as a Ray Tune trial (``spec.standalone``)."""
+    if spec.standalone:
+        cuda = spec.use_gpu and torch.cuda.is_available()
         return 0, 1, torch.device("cuda" if cuda else "cpu")
     import ray.train
     import ray.train.torch
@@ -77,11 +103,11 @@ class Worker:
     scheduler: torch.optim.lr_scheduler.LRScheduler
 
 
-def prepare_worker(config: dict, model: torch.nn.Module, rows: int, tcfg: TrainConfig) -> Worker:
+def prepare_worker(spec: PhaseSpec, model: torch.nn.Module, rows: int, tcfg: TrainConfig) -> Worker:
     """Place ``model``, shard ``rows`` training rows over the ranks and build the optimizer
     (warm-up then linear decay over ``tcfg.epochs``)."""
-    rank, world, device = worker_info(config)
-    if config.get("standalone"):
+    rank, world, device = worker_info(spec)
+    if spec.standalone:
         model = model.to(device)
     else:
         import ray.train.torch
@@ -110,10 +136,10 @@ def worker_loop(config: dict) -> None:
     import ray.train
 
     rank = ray.train.get_context().get_world_rank()
-    run_phase(config, rank, ray.train.get_checkpoint, ray.train.report, Checkpoint)
+    run_phase(config["spec"], rank, ray.train.get_checkpoint, ray.train.report, Checkpoint)
 
 
-def run_phase(config: dict, rank: int, get_checkpoint, report, checkpoint_cls) -> None:
+def run_phase(spec: PhaseSpec, rank: int, get_checkpoint, report, checkpoint_cls) -> None:
     """Resume from ``get_checkpoint()``, then train; ``report(row, checkpoint=...)`` per epoch.
 
     ``ray.train``'s functions and ``Checkpoint`` inside a Train worker, ``ray.tune``'s inside
@@ -121,10 +147,10 @@ def run_phase(config: dict, rank: int, get_checkpoint, report, checkpoint_cls) -
     """
     from ray.experimental.tqdm_ray import tqdm
 
-    torch.set_num_threads(config["threads"])
-    torch.manual_seed(config["seed"])  # identical initial weights on every rank
-    phase: Phase = config["setup"](config)
-    name = config["phase"]
+    torch.set_num_threads(spec.threads)
+    torch.manual_seed(spec.seed)  # identical initial weights on every rank
+    phase: Phase = spec.setup(spec)
+    name = spec.phase
     start, history = 0, []
     checkpoint = get_checkpoint()
     if checkpoint:
@@ -142,11 +168,7 @@ def run_phase(config: dict, rank: int, get_checkpoint, report, checkpoint_cls) -
     for epoch in range(start, phase.epochs):
         desc = f"{name} epoch {epoch + 1}/{phase.epochs}"
         # a live bar on a terminal; one line per epoch in logs (DVC, CI) that cannot redraw
-        bar = (
-            tqdm(total=phase.steps_per_epoch, desc=desc)
-            if rank == 0 and config["progress"]
-            else None
-        )
+        bar = tqdm(total=phase.steps_per_epoch, desc=desc) if rank == 0 and spec.progress else None
         t0 = time.perf_counter()
         row = {
             "epoch": epoch + 1,
@@ -182,16 +204,16 @@ def fit(
     params: Params,
     phase: str,
     tcfg: TrainConfig,
-    setup: Callable[[dict], Phase],
-    config: dict,
+    setup: Callable[[PhaseSpec], Phase],
+    payload: Any,
     inputs: list[Path],
 ) -> dict:
     """Run ``setup``'s phase on Ray Train; returns the final checkpoint's state.
 
-    ``config`` is passed to ``setup`` in every worker (put large arrays in it as ObjectRefs);
-    ``inputs`` (files) and the params name the run for resume.
+    ``payload`` reaches ``setup`` in every worker as ``spec.payload`` (hold large arrays in it
+    as ObjectRefs); ``inputs`` (files) and the params name the run for resume.
     """
-    root = repo_root()
+    root = Path.cwd()  # DVC runs stages from the repository root
     init_ray(params.runtime)
     use_gpu = resolve_use_gpu(tcfg.use_gpu)
     threads = 1 if use_gpu else cpus_per_worker(tcfg.num_workers)
@@ -200,16 +222,10 @@ def fit(
         {"phase": phase, "params": params.model_dump(mode="json", exclude={"runtime"})},
     )
     storage = storage_path(params.runtime, root)
+    spec = PhaseSpec(phase, setup, params, payload, threads, progress=sys.stderr.isatty())
     trainer = TorchTrainer(
         worker_loop,
-        train_loop_config={
-            **config,
-            "phase": phase,
-            "setup": setup,
-            "seed": params.seed,
-            "threads": threads,
-            "progress": sys.stderr.isatty(),
-        },
+        train_loop_config={"spec": spec},
         scaling_config=ScalingConfig(
             num_workers=tcfg.num_workers,
             use_gpu=use_gpu,
@@ -224,6 +240,11 @@ def fit(
         state = torch.load(Path(d) / "state.pt", map_location="cpu", weights_only=True)
     state["_storage"] = f"{storage.rstrip('/')}/{name}"
     return state
+
+
+def standalone(spec: PhaseSpec, threads: int, use_gpu: bool = False) -> PhaseSpec:
+    """``spec`` for a process without a Ray Train context (a Tune trial, a test)."""
+    return replace(spec, threads=threads, progress=False, standalone=True, use_gpu=use_gpu)
 
 
 def finish(state: dict) -> None:

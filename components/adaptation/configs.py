@@ -1,0 +1,149 @@
+"""Each adaptation method's own params section, ``adapt.<method>`` in ``params.yaml``.
+
+One frozen class per method (``METHOD_CONFIGS`` maps the name of ``adapt.method`` to it). A
+method's cross-field rules are declared here once, as ``ORDERED``: pairs ``(low, high)`` of
+fields that must satisfy ``low < high``. Validation, the sweep space (``pipelines.sweep_space``)
+and the best-params overlay all read them from here. "paper" = the method's paper, "assumed" =
+our choice for the CPU-sized benchmark (the paper leaves it open or its value was lost).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, ClassVar, Literal
+
+from pydantic import Field, model_validator
+
+from components.config_types import Fraction, PositiveInt, Section
+
+Positive = Annotated[float, Field(gt=0)]
+NonNeg = Annotated[float, Field(ge=0)]
+Momentum = Annotated[float, Field(ge=0, lt=1)]
+
+
+class MethodSection(Section):
+    """Base of every method section."""
+
+    #: (low, high) field pairs that must satisfy ``low < high``
+    ORDERED: ClassVar[tuple[tuple[str, str], ...]] = ()
+    #: the tasks (``data.task``) the method runs on
+    TASKS: ClassVar[tuple[str, ...]] = ("referring", "semantic")
+
+    @model_validator(mode="after")
+    def _ordered(self):
+        for low, high in self.ORDERED:
+            a, b = getattr(self, low), getattr(self, high)
+            if a >= b:
+                raise ValueError(f"{low} ({a}) must be < {high} ({b})")
+        return self
+
+
+class SourceOnlyConfig(MethodSection):
+    """No adaptation: the same schedule on the labeled source only (the floor)."""
+
+
+class SDAConfig(MethodSection):
+    """SDA stage 3, Dual Adaptive Branches (Section 3.3, Appendix C.2)."""
+
+    ORDERED = (("gamma_min", "gamma_max"),)
+    TASKS = ("referring",)  # its categories come from the queries' words
+
+    gamma_max: Fraction = Field(0.9, description="paper")
+    gamma_min: Fraction = Field(0.1, description="paper")
+    memory_size: PositiveInt = Field(100, description="B per category (paper).")
+    ema: Momentum = Field(0.99, description="Teacher momentum (paper).")
+    contrast_temperature: Positive = Field(0.1, description="assumed")
+    lambda1: NonNeg = Field(1.0, description="paper")
+    lambda2: NonNeg = Field(0.1, description="paper")
+    pixels: PositiveInt = Field(256, description="Pixels sampled per batch for contrast.")
+    cfb: bool = Field(True, description="Contrastive Feature Branch on.")
+    contrastive: bool = Field(True, description="off = w/o contrastive (plain similarity).")
+    memory: bool = Field(True, description="off = w/o memory bank.")
+    rrb: bool = Field(True, description="Reciprocal Relation Branch on.")
+    ct: bool = Field(True, description="off = w/o L_ct (no auxiliary target decoder).")
+    ho: bool = Field(True, description="off = w/o L_ho.")
+    reciprocal_masks: bool = Field(
+        True, description="off = domain-based target masks only (teacher pseudo masks)."
+    )
+
+
+class AlignConfig(MethodSection):
+    """What MMD and DANN align (SDA Appendix C.3: pixel-level visual features, and query
+    features on the referring task)."""
+
+    weight: NonNeg = Field(0.1, description="Weight of the alignment loss (assumed).")
+    pixels: PositiveInt = Field(256, description="Pixels sampled per domain and step.")
+    query: bool = Field(True, description="Also align sentence features (referring task).")
+
+
+class MMDConfig(AlignConfig):
+    """Multi-kernel MMD (Long et al., 2015) between source and target features."""
+
+    bandwidths: list[Positive] = Field(
+        default_factory=lambda: [0.5, 1.0, 2.0, 4.0, 8.0],
+        description="Gaussian kernel widths, multiples of the median distance (assumed).",
+    )
+
+
+class DANNConfig(AlignConfig):
+    """Domain classifier behind a gradient-reversal layer (Ganin and Lempitsky, 2015)."""
+
+    hidden: PositiveInt = Field(64, description="Domain classifier width (assumed).")
+    disc_lr_scale: Positive = Field(1.0, description="Classifier lr / network lr (assumed).")
+
+
+class TeacherConfig(MethodSection):
+    """Mean-teacher self-training shared by DACS, T2S-DA and DIDA."""
+
+    ema: Momentum = Field(0.99, description="Teacher EMA (DAFormer: 0.999; short run: 0.99).")
+    threshold: Fraction = Field(
+        0.968, description="Pseudo-label confidence threshold of the quality weight (DACS)."
+    )
+    target_weight: NonNeg = Field(1.0, description="Weight of the target loss (paper: 1).")
+
+
+class DACSConfig(TeacherConfig):
+    """DACS: ClassMix of source into target with the teacher's pseudo-labels."""
+
+    mix: bool = Field(True, description="ClassMix on; off = plain mean-teacher self-training.")
+
+
+class T2SConfig(TeacherConfig):
+    """T2S-DA: pull pseudo-target (FDA) features to source prototypes."""
+
+    fda_band: Annotated[float, Field(gt=0, le=0.5)] = Field(
+        0.05, description="FDA low-frequency band as a share of the image side (assumed)."
+    )
+    objective: Literal["infonce", "mse"] = Field("infonce", description="paper: InfoNCE")
+    temperature: Positive = Field(0.2, description="InfoNCE temperature (assumed).")
+    weight: NonNeg = Field(1.0, description="Weight of the pulling loss (assumed).")
+    unreliable: Annotated[float, Field(gt=0, lt=1)] = Field(
+        0.2, description="Share of least confident target pixels used as negatives (assumed)."
+    )
+    queries: PositiveInt = Field(256, description="Base number of queries per step (assumed).")
+    negatives: PositiveInt = Field(256, description="Negative keys per query (assumed).")
+    reweight: bool = Field(True, description="Dynamic re-weighting by target confidence.")
+    mix: bool = Field(True, description="ClassMix self-training base (DACS), as the paper.")
+
+
+class DIDAConfig(TeacherConfig):
+    """DIDA: a labeled instance bank, instance-level predictions and label regeneration."""
+
+    bank_size: PositiveInt = Field(300, description="K features per class (paper).")
+    bank_interval: PositiveInt = Field(50, description="u: bank update every u steps (paper).")
+    bank_momentum: Momentum = Field(0.999, description="EMA of a bank entry (paper).")
+    temperature: Positive = Field(0.1, description="t of the cosine similarity (paper).")
+    phi: Fraction = Field(0.9, description="Scattering / gathering threshold (paper).")
+    lambda_ins: NonNeg = Field(1.0, description="Weight of the instance-level loss (assumed).")
+    regenerate: bool = Field(True, description="Scattering / gathering regeneration on.")
+    mix: bool = Field(True, description="ClassMix self-training base (DACS), as the paper.")
+
+
+METHOD_CONFIGS: dict[str, type[MethodSection]] = {
+    "source_only": SourceOnlyConfig,
+    "sda": SDAConfig,
+    "dacs": DACSConfig,
+    "mmd": MMDConfig,
+    "dann": DANNConfig,
+    "t2s": T2SConfig,
+    "dida": DIDAConfig,
+}

@@ -1,0 +1,79 @@
+"""Readers and writers of stage outputs that several stages share (so that stage modules never
+import each other): the task of a prepared dataset, its splits, CSM labels, semantic-based masks
+and training histories."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from components.config import Params
+from components.data.dataset import SplitArrays, load_split
+from components.data.schema import DataError, decode_rle
+from components.data.vocab import Vocab
+from components.tasks import Task, make_task
+
+CLASSES_FILE = "classes.json"
+
+
+def load_classes(data_dir: str | Path) -> list[str] | None:
+    """The class names of a prepared dataset (``classes.json``, class id = position)."""
+    path = Path(data_dir) / CLASSES_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def task_of(params: Params, data_dir: str | Path) -> Task:
+    """``params.data.task`` for the dataset in ``data_dir``.
+
+    Raises:
+        DataError: the semantic task on a dataset without class names.
+    """
+    classes = load_classes(data_dir)
+    if params.data.task == "semantic" and not classes:
+        raise DataError(
+            f"{data_dir}: data.task is 'semantic' but the dataset has no {CLASSES_FILE} "
+            "(a dataset without semantic maps)"
+        )
+    return make_task(params.data.task, params.model, classes)
+
+
+def load_task_split(
+    params: Params, data_dir: str | Path, domain: str, split: str, task: Task, vocab: Vocab
+) -> SplitArrays:
+    """One split as ``task`` reads it (one sample per image for the semantic task)."""
+    m = params.model
+    return load_split(
+        data_dir, domain, split, vocab, m.max_words, m.num_superpixels, task.name, task.num_classes
+    )
+
+
+def load_labels(folder: str | Path, data: SplitArrays) -> tuple[np.ndarray, np.ndarray]:
+    """CSM category (N,) and common flag (N,) aligned with ``data`` by sample id."""
+    table = pd.read_parquet(Path(folder) / "labels.parquet").set_index("sample_id")
+    missing = [s for s in data.sample_ids if s not in table.index]
+    if missing:
+        raise ValueError(f"{folder}/labels.parquet: no category for sample {missing[0]}")
+    rows = table.loc[data.sample_ids]
+    return rows["category"].to_numpy(np.int64), rows["common"].to_numpy(bool)
+
+
+def load_masks(folder: str | Path, data: SplitArrays) -> np.ndarray:
+    """Semantic-based masks (N, H, W) of the ``masks`` stage aligned with ``data`` by id."""
+    table = pd.read_parquet(Path(folder) / "semantic_masks.parquet").set_index("sample_id")
+    missing = [s for s in data.sample_ids if s not in table.index]
+    if missing:
+        raise DataError(f"{folder}/semantic_masks.parquet: no mask for sample {missing[0]}")
+    rows = table.loc[data.sample_ids, "mask_rle"]
+    return np.stack([decode_rle(r) for r in rows])
+
+
+def write_history(history: list[dict], path: Path) -> None:
+    """Per-epoch rows as CSV (the stages' ``plots/*.csv`` and ``history.csv``)."""
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(history[0]))
+        writer.writeheader()
+        writer.writerows(history)
