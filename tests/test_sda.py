@@ -7,6 +7,8 @@ import pytest
 import torch
 from sklearn.metrics import adjusted_rand_score
 
+from components.adaptation.base import Upstream
+from components.adaptation.configs import SDAConfig
 from components.adaptation.sda import csm
 from components.adaptation.sda.cam import superpixel_refine
 from components.adaptation.sda.cfb import MemoryBank, ema_update, info_nce, pseudo_masks
@@ -14,11 +16,9 @@ from components.adaptation.sda.clustering import agglomerative, cluster_contents
 from components.adaptation.sda.method import SDA
 from components.adaptation.sda.rrb import MIDiscriminator, mutual_information
 from components.adaptation.sda.semantics import Extracted, build
-from components.adaptation.base import Upstream
-from components.adaptation.configs import SDAConfig
 from components.config import ModelConfig, SemanticsConfig
-from components.tasks import make_task
 from components.models.network import build_model
+from components.tasks import make_task
 
 
 # --------------------------------------------------------------------------- Eq. 1

@@ -88,7 +88,6 @@ class DANNConfig(AlignConfig):
     """Domain classifier behind a gradient-reversal layer (Ganin and Lempitsky, 2015)."""
 
     hidden: PositiveInt = Field(64, description="Domain classifier width (assumed).")
-    disc_lr_scale: Positive = Field(1.0, description="Classifier lr / network lr (assumed).")
 
 
 class TeacherConfig(MethodSection):
@@ -135,7 +134,7 @@ class DIDAConfig(TeacherConfig):
     phi: Fraction = Field(0.9, description="Scattering / gathering threshold (paper).")
     lambda_ins: NonNeg = Field(1.0, description="Weight of the instance-level loss (assumed).")
     regenerate: bool = Field(True, description="Scattering / gathering regeneration on.")
-    mix: bool = Field(True, description="ClassMix self-training base (DACS), as the paper.")
+    strength: Fraction = Field(0.5, description="Strong view: jitter / noise amount (assumed).")
 
 
 METHOD_CONFIGS: dict[str, type[MethodSection]] = {
