@@ -42,7 +42,7 @@ def _batch(task, seed: int) -> dict:
 
 
 def _cases():
-    for name, cls in METHODS.items():
+    for name in METHODS:
         for task in ("referring", "semantic"):
             if task in METHOD_CONFIGS[name].TASKS:
                 yield pytest.param(name, task, id=f"{name}-{task}")
