@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from components.adaptation.configs import (
     METHOD_CONFIGS,
@@ -318,23 +318,35 @@ class SearchDim(_Section):
         return list(self.values) if self.values is not None else [self.low, self.high]
 
 
-def _default_space() -> dict[str, dict[str, SearchDim]]:
+def _default_space() -> dict[str, SearchDim]:
     # SDA's sensitivity studies: Fig. 5 (tau), Fig. 6 (beta), Fig. 10 (distance threshold),
     # Table 9 (gamma_max / gamma_min); plus the contrastive temperature and the loss weights.
     return {
-        "semantics": {
-            "tau": SearchDim(low=0.01, high=1.0, log=True),
-            "beta": SearchDim(low=0.1, high=1.0),
-            "distance_threshold": SearchDim(low=0.3, high=0.8),
-        },
-        "adapt.sda": {
-            "gamma_max": SearchDim(low=0.6, high=0.95),
-            "gamma_min": SearchDim(low=0.05, high=0.4),
-            "contrast_temperature": SearchDim(low=0.03, high=0.5, log=True),
-            "lambda1": SearchDim(low=0.1, high=2.0, log=True),
-            "lambda2": SearchDim(low=0.01, high=1.0, log=True),
-        },
+        "semantics.tau": SearchDim(low=0.01, high=1.0, log=True),
+        "semantics.beta": SearchDim(low=0.1, high=1.0),
+        "semantics.distance_threshold": SearchDim(low=0.3, high=0.8),
+        "adapt.sda.gamma_max": SearchDim(low=0.6, high=0.95),
+        "adapt.sda.gamma_min": SearchDim(low=0.05, high=0.4),
+        "adapt.sda.contrast_temperature": SearchDim(low=0.03, high=0.5, log=True),
+        "adapt.sda.lambda1": SearchDim(low=0.1, high=2.0, log=True),
+        "adapt.sda.lambda2": SearchDim(low=0.01, high=1.0, log=True),
     }
+
+
+_DIM_KEYS = {"values", "low", "high", "log"}
+
+
+def _flatten_space(node: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested ``{adapt: {sda: {gamma_max: {low: ..}}}}`` -> ``{"adapt.sda.gamma_max": ..}``;
+    a mapping whose keys are all SearchDim fields is an entry."""
+    out: dict[str, Any] = {}
+    for key, value in node.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict) and value and not set(value) <= _DIM_KEYS:
+            out.update(_flatten_space(value, dotted + "."))
+        else:
+            out[dotted] = value
+    return out
 
 
 class TuneConfig(_Section):
@@ -359,13 +371,20 @@ class TuneConfig(_Section):
         None, description="Trial storage (dir or URI); null = runtime.storage_path/tune."
     )
     name: str | None = Field(None, description="Sweep name; null = derived from its inputs.")
-    space: dict[str, dict[str, SearchDim]] = Field(
-        default_factory=_default_space, description="section -> field -> SearchDim."
+    space: dict[str, SearchDim] = Field(
+        default_factory=_default_space,
+        description="Nested like params (semantics: {tau: ..}, adapt: {sda: {gamma_max: ..}}); "
+        "held as dotted keys.",
     )
+
+    @field_validator("space", mode="before")
+    @classmethod
+    def _nested_space(cls, raw: Any) -> Any:
+        return _flatten_space(raw) if isinstance(raw, dict) else raw
 
     def flat_space(self) -> dict[str, SearchDim]:
         """``{"semantics.tau": SearchDim, ...}`` in a stable order."""
-        return {f"{s}.{k}": d for s, dims in self.space.items() for k, d in dims.items()}
+        return dict(self.space)
 
     @model_validator(mode="after")
     def _space(self) -> TuneConfig:
@@ -429,6 +448,46 @@ def _check_space(params: Params) -> list[str]:
     return errors
 
 
+class CompareConfig(_Section):
+    """The methods comparison (``compare/dvc.yaml``): every method x task x seed."""
+
+    methods: list[Literal[tuple(METHOD_CONFIGS)]] = Field(  # type: ignore[valid-type]
+        default_factory=lambda: ["sda", "dacs", "mmd", "dann", "t2s", "dida"],
+        description="Methods to run (a method skips the tasks it does not support).",
+    )
+    tasks: list[Literal["referring", "semantic"]] = Field(
+        default_factory=lambda: ["referring", "semantic"]
+    )
+    seeds: list[NonNegInt] = Field(default_factory=lambda: [0, 1, 2])
+    max_concurrent: PositiveInt | None = Field(
+        None, description="Runs at once; null = as many as the Ray cluster's CPUs allow."
+    )
+    cpus_per_run: PositiveInt = Field(2, description="CPUs one run needs (to size concurrency).")
+    sections: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="Per-method params, adapt.<method> for the comparison: {dacs: {ema: 0.999}}.",
+    )
+
+    @model_validator(mode="after")
+    def _lists(self) -> CompareConfig:
+        for name in ("methods", "tasks", "seeds"):
+            values = getattr(self, name)
+            if not values:
+                raise ValueError(f"{name} is empty")
+            if len(set(values)) != len(values):
+                raise ValueError(f"{name} lists a value twice")
+        for method, section in self.sections.items():
+            if method not in METHOD_CONFIGS:
+                raise ValueError(f"sections.{method}: unknown method")
+            try:
+                METHOD_CONFIGS[method].model_validate(section)
+            except ValidationError as err:
+                e = err.errors()[0]
+                where = ".".join(str(p) for p in e["loc"])
+                raise ValueError(f"sections.{method}.{where}: {e['msg']}") from None
+        return self
+
+
 class Params(_Section):
     """The whole params.yaml."""
 
@@ -444,6 +503,7 @@ class Params(_Section):
     masks: MasksConfig
     adapt: AdaptConfig
     tune: TuneConfig = TuneConfig()
+    compare: CompareConfig = CompareConfig()
 
     @model_validator(mode="after")
     def _tune_space(self) -> Params:

@@ -46,6 +46,15 @@ def pipeline_id() -> str:
     return uuid.uuid4().hex[:16]
 
 
+#: a JSON object of tags added to every stage run (set by ``adaseg compare`` for its runs)
+TAGS_ENV = "ADASEG_RUN_TAGS"
+
+
+def extra_tags() -> dict[str, str]:
+    raw = os.environ.get(TAGS_ENV)
+    return {str(k): str(v) for k, v in json.loads(raw).items()} if raw else {}
+
+
 def git_state(root: Path) -> tuple[str, bool]:
     def git(*args):
         return subprocess.run(
@@ -121,6 +130,7 @@ def stage_run(
         ).hexdigest()[:12],
         "adaseg.git_dirty": str(dirty).lower(),
         "mlflow.source.git.commit": commit,
+        **extra_tags(),
     }
     if resume_tag:
         tags[resume_tag[0]] = resume_tag[1]

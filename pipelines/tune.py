@@ -47,7 +47,7 @@ from components.adaptation.base import Upstream
 from components.adaptation.phase import AdaptInputs, load_inputs, setup_adapt
 from components.adaptation.registry import METHODS
 from components.adaptation.sda import semantics
-from components.config import Params, parse_params, set_dotted
+from components.config import Params, ParamsError, parse_params, set_dotted
 from components.data.schema import shard_paths
 from components.io import atomic_path, fingerprint, write_json
 from components.models.network import load_trained
@@ -404,6 +404,11 @@ def main(
     plots: str,
     metrics: str,
 ) -> None:
+    if params.data.task == "semantic" and params.tune.metric in ("val_oiou", "val_map"):
+        raise ParamsError(
+            f"tune.metric: {params.tune.metric} is a referring metric; the semantic task "
+            "reports val_miou (and the unsup_* criteria)"
+        )
     used = {"seed": params.seed, "tune": params.tune.model_dump(mode="json")}
     paths = [Path(p) for p in (data, base, init, sem_dir, masks)]
     name = sweep_name(params, sweep_inputs(*paths))

@@ -47,7 +47,7 @@ TINY_TUNE = {
     "cpus_per_trial": 0.5,
     "space": {
         "semantics": {"tau": {"values": [0.2, 0.5]}},
-        "adapt.sda": {"gamma_max": {"values": [0.8, 0.9]}},
+        "adapt": {"sda": {"gamma_max": {"values": [0.8, 0.9]}}},
     },
 }
 

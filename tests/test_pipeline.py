@@ -151,9 +151,9 @@ def test_second_repro_does_nothing(repo):
 
 
 def test_dvc_exp_run_with_override(repo):
-    out = _run(repo, "dvc", "exp", "run", "-S", "adapt.lambda2=0.0").stdout
+    out = _run(repo, "dvc", "exp", "run", "-S", "adapt.sda.lambda2=0.0").stdout
     assert "Running stage 'adapt'" in out and "Running stage 'pretrain'" not in out
-    assert "adapt.lambda2" in _run(repo, "dvc", "exp", "show", "--csv").stdout
+    assert "adapt.sda.lambda2" in _run(repo, "dvc", "exp", "show", "--csv").stdout
     out = _run(repo, "dvc", "exp", "run", "-S", "pretrain.epochs=1").stdout
     assert "Running stage 'pretrain'" in out and "Running stage 'prepare'" not in out
     assert pd.read_csv(repo / "plots/pretrain.csv")["epoch"].tolist() == [1]
@@ -230,10 +230,10 @@ def test_corrupt_shard_fails_cleanly(repo):
 
 def test_bad_params_fail_before_any_work(repo):
     proc = _run(
-        repo, "adaseg", "-S", "adapt.gamma_min=0.95", "prepare", "--out", "never", check=False
+        repo, "adaseg", "-S", "adapt.sda.gamma_min=0.95", "prepare", "--out", "never", check=False
     )
     assert proc.returncode == 2
-    assert "adapt: gamma_min (0.95) must be < gamma_max (0.9)" in proc.stderr
+    assert "adapt.sda: gamma_min (0.95) must be < gamma_max (0.9)" in proc.stderr
     assert not (repo / "never").exists()
 
 

@@ -325,8 +325,8 @@ def test_killed_sweep_resumes_without_rerunning_or_duplicating(repo):
 def test_bad_search_space_is_refused_before_any_trial(repo):
     for override, message in [
         ("tune.space.semantics.temperature={values: [0.1]}", "semantics.temperature: unknown"),
-        ("tune.space.adapt.lambda1={values: []}", "values is empty"),
-        ("tune.space.adapt.lambda1={low: 2, high: 1}", "low (2.0) must be < high (1.0)"),
+        ("tune.space.adapt.sda.lambda1={values: []}", "values is empty"),
+        ("tune.space.adapt.sda.lambda1={low: 2, high: 1}", "low (2.0) must be < high (1.0)"),
         ("tune.metric=accuracy", "tune.metric"),
     ]:
         proc = run_in(repo, *_tune_cmd("bad", "bad", "-S", override), check=False)
