@@ -117,10 +117,12 @@ def unsupervised_metrics(
     * ``unsup_confidence``: 1 - mean binary entropy (in bits) of the student's response map;
       1 = every pixel predicted with certainty.
     * ``unsup_agreement``: overall IoU between the student's and the teacher's predicted masks
-      (pseudo-label agreement); samples where both predict nothing are left out.
+      (pseudo-label agreement); samples where both predict nothing are left out. Only when
+      the method keeps a teacher (``teacher`` not None).
     """
     student.eval()
-    teacher.eval()
+    if teacher is not None:
+        teacher.eval()
     entropy, pixels, inter, union = 0.0, 0, 0, 0
     for idx in iterate_batches(len(data), batch_size, shuffle=False):
         batch = to_batch(data, idx, device)
@@ -129,11 +131,12 @@ def unsupervised_metrics(
         h = -(p * p.log2() + (1 - p) * (1 - p).log2())
         entropy += h.sum().item()
         pixels += h.numel()
-        ms, _ = predict_masks(p, empty_threshold)
-        mt, _ = predict_masks(teacher(*args)["response"].float(), empty_threshold)
-        inter += (ms & mt).sum().item()
-        union += (ms | mt).sum().item()
-    return {
-        "unsup_confidence": 1.0 - entropy / max(1, pixels),
-        "unsup_agreement": inter / union if union else 1.0,
-    }
+        if teacher is not None:
+            ms, _ = predict_masks(p, empty_threshold)
+            mt, _ = predict_masks(teacher(*args)["response"].float(), empty_threshold)
+            inter += (ms & mt).sum().item()
+            union += (ms | mt).sum().item()
+    out = {"unsup_confidence": 1.0 - entropy / max(1, pixels)}
+    if teacher is not None:
+        out["unsup_agreement"] = inter / union if union else 1.0
+    return out

@@ -130,6 +130,15 @@ COMMANDS: dict[str, tuple[str, str, list[tuple]]] = {
             _opt("--metrics"),
         ],
     ),
+    "compare": (
+        "compare",
+        "every method x task x seed of params.yaml: compare, with tables",
+        [
+            _opt("--work", help="folder of the units' models, data, logs (reused)"),
+            _opt("--out", help="folder: results.md / .csv, per_class.csv, comparison.png"),
+            _opt("--metrics", help="JSON: task -> model -> headline metric and gap closed"),
+        ],
+    ),
     "evaluate": (
         "evaluate",
         "evaluate trained models on source val / target test",
@@ -145,8 +154,14 @@ COMMANDS: dict[str, tuple[str, str, list[tuple]]] = {
         "report",
         "markdown + CSV table of all evaluated models",
         [
-            _opt("--eval", "eval_path"),
+            _opt("--eval", "eval_path", required=False),
             _opt("--out"),
+            _opt(
+                "--from-mlflow",
+                "from_mlflow",
+                required=False,
+                help="rebuild a comparison's tables from MLflow: its adaseg.compare id",
+            ),
             _opt(
                 "--experiments",
                 required=False,

@@ -13,9 +13,10 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 
-from components.config import Params
+from components.comparison import Record, write_report
+from components.config import Params, ParamsError
 from components.io import atomic_path
-from components.tracking import stage_run
+from components.tracking import stage_run, tracking_uri
 from pipelines.common import repo_root
 
 METRICS = ["oiou", "miou", "map", "prec@0.5", "prec@0.7", "prec@0.9", "zero_acc", "pixel_acc"]
@@ -115,7 +116,53 @@ def ablation_table(exp_show: list, model: str = "sda", split: str = "target_test
     return pd.DataFrame(out)
 
 
-def main(params: Params, eval_path: str, out: str, experiments: str | None = None) -> None:
+def records_from_mlflow(params: Params, compare_id: str) -> list[Record]:
+    """A comparison's records from MLflow alone: its ``evaluate`` runs (tags
+    ``adaseg.compare``, ``adaseg.compare_task``, ``adaseg.seed``) and their
+    ``<model>.target_test.<metric>`` metrics."""
+    mlflow.set_tracking_uri(tracking_uri(params.runtime, repo_root()))
+    exp = mlflow.get_experiment_by_name(params.runtime.mlflow_experiment)
+    if exp is None:
+        raise ParamsError(f"--from-mlflow: no MLflow experiment {params.runtime.mlflow_experiment}")
+    runs = mlflow.search_runs(
+        [exp.experiment_id],
+        filter_string=f"tags.`adaseg.compare` = '{compare_id}' and tags.`adaseg.stage` = 'evaluate'"
+        " and attributes.status = 'FINISHED'",
+        output_format="list",
+    )
+    if not runs:
+        raise ParamsError(f"--from-mlflow: no finished evaluate run of comparison {compare_id!r}")
+    records = []
+    for run in runs:
+        task, seed = run.data.tags["adaseg.compare_task"], int(run.data.tags["adaseg.seed"])
+        per_model: dict[str, dict[str, float]] = {}
+        for key, value in run.data.metrics.items():
+            model, sep, metric = key.partition(".target_test.")
+            if not sep:
+                continue
+            # evaluate logs "@" as "_at_" and "iou/<class>" as "iou.<class>"
+            if metric.startswith("iou."):
+                metric = "iou/" + metric[4:]
+            metric = metric.replace("_at_", "@")
+            per_model.setdefault(model, {})[metric] = value
+        records += [Record(task, seed, m, v) for m, v in per_model.items()]
+    return records
+
+
+def main(
+    params: Params,
+    out: str,
+    eval_path: str | None = None,
+    experiments: str | None = None,
+    from_mlflow: str | None = None,
+) -> None:
+    if from_mlflow:
+        records = records_from_mlflow(params, from_mlflow)
+        with atomic_path(out, is_dir=True) as tmp:
+            write_report(records, tmp)
+        return
+    if not eval_path:
+        raise ParamsError("report: give --eval (an eval.json) or --from-mlflow (a comparison id)")
     results = json.loads(Path(eval_path).read_text())
     df = table(results)
     with stage_run("report", params.runtime, {}, repo_root()):
