@@ -410,6 +410,13 @@ def _check_space(params: Params) -> list[str]:
     for key, dim in space.items():
         section, _, name = key.rpartition(".")
         where = f"tune.space.{key}"
+        other = section.startswith("adapt.") and section[6:] in METHOD_CONFIGS
+        if other and section[6:] != params.adapt.method:
+            errors.append(
+                f"{where}: adapt.method is {params.adapt.method!r} "
+                f"(sweep its fields as adapt.{params.adapt.method}.<field>)"
+            )
+            continue
         if section not in sections:
             errors.append(
                 f"{where}: not a tunable parameter (use "
@@ -504,6 +511,19 @@ class Params(_Section):
     adapt: AdaptConfig
     tune: TuneConfig = TuneConfig()
     compare: CompareConfig = CompareConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _method_default_space(cls, raw: Any) -> Any:
+        # without a tune.space, a method other than SDA sweeps its schedule's learning rate
+        if not isinstance(raw, dict):
+            return raw
+        method = (raw.get("adapt") or {}).get("method", "sda")
+        tune = raw.get("tune") or {}
+        if method != "sda" and "space" not in tune:
+            space = {"adapt.lr": {"values": [3e-5, 1e-4, 3e-4]}}
+            raw = {**raw, "tune": {**tune, "space": space}}
+        return raw
 
     @model_validator(mode="after")
     def _tune_space(self) -> Params:

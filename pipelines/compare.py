@@ -90,7 +90,7 @@ def unit_params(raw: dict, seed: int, task: str, method: str, sections: dict) ->
         for k, v in space.items()
         if not k.startswith("adapt.") or k.count(".") == 1 or k.startswith(f"adapt.{method}.")
     }
-    out.setdefault("tune", {})["space"] = ok or {"adapt.lr": {"low": 1e-5, "high": 1e-3}}
+    out.setdefault("tune", {})["space"] = ok or {"adapt.lr": {"values": [3e-5, 1e-4, 3e-4]}}
     splits = out["evaluate"].get("splits") or []
     if "target_test" not in splits:
         out["evaluate"]["splits"] = [*splits, "target_test"]

@@ -37,6 +37,10 @@ def _error_for(mutate) -> str:
         (lambda r: r["adapt"].update(dida={"phi": 0.5}), "section adapt.dida is given but"),
         (lambda r: r["data"].update(task="semantic"), "sda does not run on data.task 'semantic'"),
         (lambda r: r["data"].update(task="depth"), "data.task"),
+        (
+            lambda r: (r["adapt"].update(method="dacs"), r["adapt"].pop("sda")),
+            "tune.space.adapt.sda.lambda1: adapt.method is 'dacs' (sweep its fields as adapt.dacs",
+        ),
         (lambda r: r["data"]["query_mix"].update(one=0.9), "data.query_mix"),
         (lambda r: r["data"].update(min_objects=5, max_objects=2), "min_objects"),
         (lambda r: r["model"].update(embeddings="glove"), "glove_path is required"),

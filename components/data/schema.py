@@ -138,23 +138,21 @@ def decode_sample(
     mask = decode_rle(row["target_rle"])
     if mask.shape != (h, w):
         raise DataError(f"{where}: mask size {mask.shape} differs from image size {(h, w)}")
-    try:
-        superpixels = decode_png(row["superpixels_png"])
-    except (UnidentifiedImageError, OSError, ValueError, TypeError) as err:
-        raise DataError(f"{where}: corrupt superpixel map ({err})") from None
-    if superpixels.shape != (h, w):
-        raise DataError(
-            f"{where}: superpixel map size {superpixels.shape} differs from image size {(h, w)}"
-        )
+    superpixels = _label_map(row, "superpixels", "superpixel", where, h, w)
     out = {"image": image, "mask": mask, "superpixels": superpixels}
     if semantic_map:
-        if not row.get("semantic_png"):
-            raise DataError(f"{where}: no semantic map (semantic_png is empty)")
-        try:
-            sem = decode_png(row["semantic_png"])
-        except (UnidentifiedImageError, OSError, ValueError, TypeError) as err:
-            raise DataError(f"{where}: corrupt semantic map ({err})") from None
-        if sem.shape != (h, w):
-            raise DataError(f"{where}: semantic map size {sem.shape} differs from image size")
-        out["semantic"] = sem.astype(np.uint8)
+        out["semantic"] = _label_map(row, "semantic", "semantic", where, h, w).astype(np.uint8)
     return out
+
+
+def _label_map(row: dict, column: str, what: str, where: str, h: int, w: int) -> np.ndarray:
+    """Decode ``row[f"{column}_png"]``, a label map of the image's size (``what`` names it)."""
+    if not row.get(f"{column}_png"):
+        raise DataError(f"{where}: no {what} map ({column}_png is empty)")
+    try:
+        label = decode_png(row[f"{column}_png"])
+    except (UnidentifiedImageError, OSError, ValueError, TypeError) as err:
+        raise DataError(f"{where}: corrupt {what} map ({err})") from None
+    if label.shape != (h, w):
+        raise DataError(f"{where}: {what} map size {label.shape} differs from image size {(h, w)}")
+    return label

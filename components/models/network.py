@@ -16,16 +16,13 @@ from components.config import ModelConfig
 from components.models.decoder import MultiScaleDecoder
 from components.models.interaction import Interaction
 from components.models.text import QueryEncoder
-from components.models.visual import ConvEncoder, ResNetEncoder
+from components.models.visual import build_visual
 
 
 class QuerySegNet(nn.Module):
     def __init__(self, cfg: ModelConfig, vocab_size: int, embeddings: torch.Tensor | None = None):
         super().__init__()
-        if cfg.backbone == "convnet":
-            self.visual = ConvEncoder(cfg.widths)
-        else:
-            self.visual = ResNetEncoder(cfg.backbone, cfg.backbone_weights)
+        self.visual = build_visual(cfg)
         self.scales = cfg.scales
         self.query = QueryEncoder(vocab_size, cfg.embed_dim, cfg.hidden, embeddings)
         chans = self.visual.out_channels[-cfg.scales :]

@@ -11,16 +11,13 @@ from torch import nn
 
 from components.config import ModelConfig
 from components.models.decoder import MultiScaleDecoder
-from components.models.visual import ConvEncoder, ResNetEncoder
+from components.models.visual import build_visual
 
 
 class SemanticSegNet(nn.Module):
     def __init__(self, cfg: ModelConfig, num_classes: int):
         super().__init__()
-        if cfg.backbone == "convnet":
-            self.visual = ConvEncoder(cfg.widths)
-        else:
-            self.visual = ResNetEncoder(cfg.backbone, cfg.backbone_weights)
+        self.visual = build_visual(cfg)
         self.scales = cfg.scales
         self.num_classes = num_classes
         chans = self.visual.out_channels[-cfg.scales :]

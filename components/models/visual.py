@@ -83,3 +83,10 @@ class ResNetEncoder(nn.Module):
             x = layer(x)
             feats.append(x)
         return feats
+
+
+def build_visual(cfg) -> nn.Module:
+    """The visual encoder of ``model.backbone`` (a ``ModelConfig``)."""
+    if cfg.backbone == "convnet":
+        return ConvEncoder(cfg.widths)
+    return ResNetEncoder(cfg.backbone, cfg.backbone_weights)
