@@ -78,7 +78,8 @@ def test_semantic_task_needs_the_datasets_classes(tmp_path, tiny_raw):
 def test_a_method_without_its_upstream_output_is_refused(tmp_path, tiny_raw):
     params = parse_params(tiny_raw)
     _dataset(tmp_path, params)
-    with pytest.raises(ParamsError, match=r"sda requires the (masks|semantics) stage's output \(give --"):
+    missing = r"sda requires the (masks|semantics) stage's output \(give --"
+    with pytest.raises(ParamsError, match=missing):
         load_inputs(params, tmp_path, semantics=None, masks=None)
 
 
