@@ -34,6 +34,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -77,44 +78,47 @@ def _fault(spec: str | None) -> dict[str, Any]:
     return {k.strip(): yaml.safe_load(v) for k, v in pairs}
 
 
-def trial(config: dict, ctx: dict) -> None:
+@dataclass(frozen=True)
+class TrialContext:
+    """What every trial reads besides its values (put in the object store once)."""
+
+    params: Params  # the sweep's validated params; a trial applies its values to them
+    fault: dict[str, Any]  # injected failure: trials whose values match all pairs raise
+    cpus: float
+    gpus: float
+    stage1: Any  # the stage-1 network (CSM re-runs from it)
+    inputs: AdaptInputs  # the adaptation inputs of the default semantics
+    target_ref: ray.ObjectRef  # target train split as CSM reads it
+
+
+def trial(config: dict, ctx: TrialContext) -> None:
     """One sweep trial (runs in a Ray Tune trial process)."""
     import torch
 
     overrides = overrides_of(config)
-    fault = ctx["fault"]
-    if fault and all(overrides.get(k) == v for k, v in fault.items()):
+    if ctx.fault and all(overrides.get(k) == v for k, v in ctx.fault.items()):
         raise RuntimeError(f"injected failure ({FAILURE_ENV}) for {overrides}")
-    raw = {k: dict(v) if isinstance(v, dict) else v for k, v in ctx["base"].items()}
+    # the trial's values make new params: validated like any params file
+    raw = ctx.params.model_dump(mode="json", exclude_none=True)
     for key, value in overrides.items():
         set_dotted(raw, key, value)
     set_dotted(raw, "adapt.epochs", raw["tune"]["epochs"])
     params = parse_params(raw, "trial")
-    threads = max(1, int(ctx["cpus"]))
+    threads = max(1, int(ctx.cpus))
     torch.set_num_threads(threads)
 
-    upstream, extra = ctx["upstream"], {}
-    base_semantics = ctx["base"]["semantics"]
+    inputs, extra = ctx.inputs, {}
     if "semantics" in METHODS[params.adapt.method].requires and any(
-        k.startswith("semantics.") and base_semantics[k.split(".", 1)[1]] != v
+        k.startswith("semantics.") and getattr(ctx.params.semantics, k.split(".", 1)[1]) != v
         for k, v in overrides.items()
     ):
-        source, target = ray.get(ctx["source_ref"]), ray.get(ctx["target_ref"])
-        res, diag = semantics.compute(ctx["stage1"], source, target, params)
-        upstream = Upstream(res.labels_s, res.labels_t, res.reliable_t)
+        source, target = ray.get(inputs.source_ref), ray.get(ctx.target_ref)
+        res, diag = semantics.compute(ctx.stage1, source, target, params)
+        inputs = replace(inputs, upstream=Upstream(res.labels_s, res.labels_t, res.reliable_t))
         extra = {f"semantics_{k}": float(v) for k, v in diag.items()}
 
-    inputs = AdaptInputs(
-        ctx["task"],
-        ctx["vocab_size"],
-        ctx["init_state"],
-        upstream,
-        ctx["source_ref"],
-        ctx["adapt_target_ref"],
-        ctx["val_ref"],
-    )
     spec = train_loop.PhaseSpec("adapt", setup_adapt, params, inputs)
-    spec = train_loop.standalone(spec, threads, use_gpu=ctx["gpus"] > 0)
+    spec = train_loop.standalone(spec, threads, use_gpu=ctx.gpus > 0)
 
     def report(row: dict, checkpoint=None) -> None:
         tune.report({**row, **extra}, checkpoint=checkpoint)
@@ -286,21 +290,24 @@ def run(
     stage1, _ = load_trained(base)
     os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
     init_ray(params.runtime)
-    ctx = {
-        "base": params.model_dump(mode="json"),
-        "fault": _fault(os.environ.get(FAILURE_ENV)),
-        "cpus": tcfg.cpus_per_trial,
-        "gpus": tcfg.gpus_per_trial,
-        "task": task,
-        "vocab_size": len(vocab),
-        "init_state": init_model.state_dict(),
-        "stage1": stage1,
-        "upstream": upstream,
-        "source_ref": ray.put(source),
-        "target_ref": ray.put(raw_target),  # CSM reads only images and queries
-        "adapt_target_ref": ray.put(target),  # semantic-based masks in place of labels
-        "val_ref": ray.put(val),
-    }
+    inputs = AdaptInputs(
+        task,
+        len(vocab),
+        init_model.state_dict(),
+        upstream,
+        ray.put(source),
+        ray.put(target),  # semantic-based masks in place of labels
+        ray.put(val),
+    )
+    ctx = TrialContext(
+        params,
+        _fault(os.environ.get(FAILURE_ENV)),
+        tcfg.cpus_per_trial,
+        tcfg.gpus_per_trial,
+        stage1,
+        inputs,
+        ray.put(raw_target),  # CSM reads only images and queries
+    )
     trainable = tune.with_resources(
         tune.with_parameters(trial, ctx=ctx),
         {"cpu": tcfg.cpus_per_trial, "gpu": tcfg.gpus_per_trial},

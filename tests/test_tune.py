@@ -44,6 +44,24 @@ def test_grid_drops_pairs_with_gamma_min_not_below_gamma_max(tiny_raw):
     }
 
 
+def test_any_method_is_swept_through_its_own_section(tiny_raw):
+    tiny_raw["adapt"] = {**tiny_raw["adapt"], "method": "dida"}
+    tiny_raw["adapt"].pop("sda")
+    space = {"adapt": {"lr": {"values": [1e-4]}, "dida": {"phi": {"values": [0.8, 0.9]}}}}
+    params = _params(tiny_raw, space=space)
+    points = sweep_space.grid_points(params)
+    assert [p["adapt.dida.phi"] for p in points] == [0.8, 0.9]
+    assert sweep_space.int_keys(_params(tiny_raw, space={"adapt": {"dida": {"bank_size": {
+        "values": [100, 300]}}}})) == {"adapt.dida.bank_size"}  # fmt: skip
+    # a trial's values become params the method section validates
+    raw = {k: dict(v) if isinstance(v, dict) else v for k, v in tiny_raw.items()}
+    raw["adapt"] = {**raw["adapt"], "dida": {"phi": points[0]["adapt.dida.phi"]}}
+    raw["tune"] = {**raw["tune"], "space": space}
+    assert parse_params(raw).adapt.method_config.phi == 0.8
+    with pytest.raises(ValueError, match=r"tune.space.adapt.dida.nope: unknown parameter"):
+        _params(tiny_raw, space={"adapt": {"dida": {"nope": {"values": [1]}}}})
+
+
 def test_random_gamma_min_is_sampled_below_gamma_max():
     dim = SearchDim(low=0.05, high=0.9)
     rng = np.random.default_rng(0)
