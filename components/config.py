@@ -49,6 +49,9 @@ class RuntimeConfig(_Section):
         None, description="MLflow store; MLFLOW_TRACKING_URI wins; null = sqlite:///mlruns.db."
     )
     mlflow_experiment: str = Field("adaseg", min_length=1)
+    train_cpus: PositiveInt | None = Field(
+        None, description="CPUs one training run takes (null = all the cluster's)."
+    )
 
 
 class GapConfig(_Section):

@@ -51,9 +51,12 @@ def resolve_use_gpu(flag) -> bool:
     return bool(flag)
 
 
-def cpus_per_worker(num_workers: int) -> int:
-    """Split the cluster's CPUs evenly across training workers (at least one each)."""
+def cpus_per_worker(num_workers: int, budget: int | None = None) -> int:
+    """Split the cluster's CPUs (at most ``budget`` of them: ``runtime.train_cpus``) evenly
+    across training workers (at least one each)."""
     total = int(ray.cluster_resources().get("CPU", 1))
+    if budget:
+        total = min(total, budget)
     return max(1, total // num_workers)
 
 

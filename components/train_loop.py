@@ -216,7 +216,7 @@ def fit(
     root = Path.cwd()  # DVC runs stages from the repository root
     init_ray(params.runtime)
     use_gpu = resolve_use_gpu(tcfg.use_gpu)
-    threads = 1 if use_gpu else cpus_per_worker(tcfg.num_workers)
+    threads = 1 if use_gpu else cpus_per_worker(tcfg.num_workers, params.runtime.train_cpus)
     name = f"{phase}-" + fingerprint(
         inputs,
         {"phase": phase, "params": params.model_dump(mode="json", exclude={"runtime"})},

@@ -43,7 +43,7 @@ from components.comparison import Record, records_from_eval, write_report
 from components.config import Params, _flatten_space
 from components.io import atomic_path, write_json
 from components.runtime import ray_address
-from components.tracking import TAGS_ENV, pipeline_id, stage_run
+from components.tracking import TAGS_ENV, stage_run
 from pipelines.common import repo_root
 
 log = logging.getLogger(__name__)
@@ -74,14 +74,25 @@ def _code_hash() -> str:
     return h.hexdigest()[:16]
 
 
-def unit_params(raw: dict, seed: int, task: str, method: str, sections: dict) -> dict:
-    """``raw`` params for one unit: its seed and task, ``method`` with only its section."""
+#: sections that never change a unit's results: left out of its stamp
+NOT_STAMPED = ("runtime", "tune", "compare")
+
+
+def unit_params(
+    raw: dict, seed: int, task: str, method: str, sections: dict, cpus: int | None = None
+) -> dict:
+    """``raw`` params for one unit: its seed and task, ``method`` with only its section;
+    ``cpus``: the CPUs its training may take (``runtime.train_cpus``), when units share."""
     out = copy.deepcopy(raw)
+    if cpus:
+        out["runtime"]["train_cpus"] = cpus
+        if not (os.environ.get("RAY_ADDRESS") or raw["runtime"].get("ray_address")):
+            out["runtime"]["num_cpus"] = cpus  # its own local Ray instance
     out["seed"] = seed
     out["data"]["task"] = task
     adapt = {k: v for k, v in out["adapt"].items() if k not in METHOD_CONFIGS}
     adapt["method"] = method
-    adapt[method] = copy.deepcopy(sections.get(method, raw["adapt"].get(method) or {}))
+    adapt[method] = copy.deepcopy(sections.get(method) or {})
     out["adapt"] = adapt
     # the comparison does not sweep: keep the tune space's entries this method accepts
     space = _flatten_space(out.get("tune", {}).get("space") or {})
@@ -97,9 +108,17 @@ def unit_params(raw: dict, seed: int, task: str, method: str, sections: dict) ->
     return out
 
 
-def plan(params: Params, raw: dict, work: Path) -> list[Unit]:
-    """Every unit of the comparison, in an order that respects their dependencies."""
+def plan(params: Params, raw: dict, work: Path, workers: int = 1) -> list[Unit]:
+    """Every unit of the comparison, in an order that respects their dependencies; with
+    ``workers`` > 1 units at once, each unit's training takes ``compare.cpus_per_run`` CPUs."""
     cmp = params.compare
+    cpus = cmp.cpus_per_run if workers > 1 else None
+    raw = copy.deepcopy(raw)
+    sections = {m: raw["adapt"].get(m) or {} for m in METHOD_CONFIGS} | cmp.sections
+
+    def unit_params_of(seed, task, method):
+        return unit_params(raw, seed, task, method, sections, cpus)
+
     units: list[Unit] = []
     methods = [m for m in cmp.methods if m in METHODS]
 
@@ -109,22 +128,22 @@ def plan(params: Params, raw: dict, work: Path) -> list[Unit]:
     for seed in cmp.seeds:
         s_dir = work / f"seed{seed}"
         data = s_dir / "data"
-        base = unit_params(raw, seed, "referring", "source_only", cmp.sections)
+        base = unit_params_of(seed, "referring", "source_only")
         add(f"seed{seed}/prepare", ["prepare", "--out", str(data)], base, [data], seed=seed)
         for task in cmp.tasks:
             t_dir, key = s_dir / task, f"seed{seed}/{task}"
             tags = {"adaseg.compare_task": task, "adaseg.seed": seed}
-            p = unit_params(raw, seed, task, "source_only", cmp.sections)
+            base_t = unit_params_of(seed, task, "source_only")
             models = t_dir / "models"
             for phase in ("pretrain", "oracle"):
                 cmd = [phase, "--data", str(data), "--out", str(models / _model(phase))]
                 cmd += ["--metrics", str(t_dir / f"metrics/{phase}.json")]
                 cmd += ["--plots", str(t_dir / f"plots/{phase}.csv")]
-                add(f"{key}/{phase}", cmd, p, [models / _model(phase)], [f"seed{seed}/prepare"],
-                    tags, seed, task)  # fmt: skip
+                outs, deps = [models / _model(phase)], [f"seed{seed}/prepare"]
+                add(f"{key}/{phase}", cmd, base_t, outs, deps, tags, seed, task)
             runs = [m for m in methods if task in METHOD_CONFIGS[m].TASKS]
             if "sda" in runs:
-                sda = unit_params(raw, seed, task, "sda", cmp.sections)
+                sda = unit_params_of(seed, task, "sda")
                 stage1 = str(models / "source_only")
                 for stage, extra, out in (
                     ("semantics", ["--model", stage1], t_dir / "semantics"),
@@ -141,7 +160,7 @@ def plan(params: Params, raw: dict, work: Path) -> list[Unit]:
                             "masks": [f"{key}/semantics"]}[stage]  # fmt: skip
                     add(f"{key}/{stage}", cmd, sda, [out], deps, tags, seed, task)
             for method in runs:
-                p = unit_params(raw, seed, task, method, cmp.sections)
+                p = unit_params_of(seed, task, method)
                 start = "init" if method == "sda" else "source_only"
                 cmd = ["adapt", "--data", str(data), "--init", str(models / start)]
                 cmd += ["--out", str(models / _model(method))]
@@ -164,7 +183,7 @@ def plan(params: Params, raw: dict, work: Path) -> list[Unit]:
             cmd += ["--predictions", str(t_dir / "predictions")]
             cmd += ["--overlays", str(t_dir / "overlays")]
             deps = [f"{key}/pretrain", f"{key}/oracle", *(f"{key}/adapt-{m}" for m in runs)]
-            add(f"{key}/evaluate", cmd, p, [t_dir / "eval.json"], deps, tags, seed, task)
+            add(f"{key}/evaluate", cmd, base_t, [t_dir / "eval.json"], deps, tags, seed, task)
     return units
 
 
@@ -177,7 +196,8 @@ def _model(name: str) -> str:
 
 
 def _stamp(unit: Unit, dep_stamps: list[str], code: str) -> str:
-    blob = json.dumps([unit.command, unit.params, dep_stamps, code], sort_keys=True)
+    stamped = {k: v for k, v in unit.params.items() if k not in NOT_STAMPED}
+    blob = json.dumps([unit.command, stamped, dep_stamps, code], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
@@ -278,13 +298,19 @@ def collect(units: list[Unit]) -> list[Record]:
     return records
 
 
+def compare_id(work: Path) -> str:
+    """The comparison's id: one per work folder, so units reused from an earlier invocation
+    (their MLflow runs made then) belong to the same comparison."""
+    return "compare-" + hashlib.sha256(str(work.resolve()).encode()).hexdigest()[:12]
+
+
 def run(params: Params, raw: dict, work: Path, out: Path) -> tuple[dict, list[Unit]]:
-    units = plan(params, raw, work)
     workers = concurrency(params)
-    compare_id = pipeline_id()
-    mlflow.set_tag("adaseg.compare", compare_id)
-    log.info("compare %s: %d units, up to %d at once", compare_id, len(units), workers)
-    execute(units, work, workers, compare_id)
+    units = plan(params, raw, work, workers)
+    compare_id_ = compare_id(work)
+    mlflow.set_tag("adaseg.compare", compare_id_)
+    log.info("compare %s: %d units, up to %d at once", compare_id_, len(units), workers)
+    execute(units, work, workers, compare_id_)
     records = collect(units)
     with atomic_path(out, is_dir=True) as tmp:
         metrics = write_report(records, tmp)

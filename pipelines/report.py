@@ -132,9 +132,12 @@ def records_from_mlflow(params: Params, compare_id: str) -> list[Record]:
     )
     if not runs:
         raise ParamsError(f"--from-mlflow: no finished evaluate run of comparison {compare_id!r}")
+    latest = {}  # a unit re-run after a change: its newest evaluate run counts
+    for run in sorted(runs, key=lambda r: r.info.start_time):
+        latest[(run.data.tags["adaseg.compare_task"], run.data.tags["adaseg.seed"])] = run
     records = []
-    for run in runs:
-        task, seed = run.data.tags["adaseg.compare_task"], int(run.data.tags["adaseg.seed"])
+    for (task, seed), run in latest.items():
+        seed = int(seed)
         per_model: dict[str, dict[str, float]] = {}
         for key, value in run.data.metrics.items():
             model, sep, metric = key.partition(".target_test.")

@@ -48,6 +48,8 @@ from components.adaptation.base import Upstream
 from components.adaptation.phase import AdaptInputs, load_inputs, setup_adapt
 from components.adaptation.registry import METHODS
 from components.adaptation.sda import semantics
+from components.adaptation.sda.method import SDA
+from components.adaptation.self_training import MeanTeacherMethod
 from components.config import Params, ParamsError, parse_params, set_dotted
 from components.data.schema import shard_paths
 from components.io import atomic_path, fingerprint, write_json
@@ -415,6 +417,12 @@ def main(
         raise ParamsError(
             f"tune.metric: {params.tune.metric} is a referring metric; the semantic task "
             "reports val_miou (and the unsup_* criteria)"
+        )
+    if params.tune.metric == "unsup_agreement" and not issubclass(
+        METHODS[params.adapt.method], MeanTeacherMethod | SDA
+    ):
+        raise ParamsError(
+            f"tune.metric: unsup_agreement needs a mean teacher; {params.adapt.method} has none"
         )
     used = {"seed": params.seed, "tune": params.tune.model_dump(mode="json")}
     paths = [Path(p) for p in (data, base, init, sem_dir, masks)]

@@ -145,15 +145,28 @@ def test_boundary_mask_by_hand_including_a_row_end():
     assert torch.equal(boundary_mask(labels), want)
 
 
-def test_instance_bank_capacity_and_ema_update():
+def test_boundary_mask_counts_classes_above_sigma():
+    labels = torch.tensor([[[0, 0, 1], [0, 2, 1], [255, 255, 1]]])
+    # (1, 1) sees 0, 1, 2: three classes; (2, 0) sees 0, 2 and ignore: two classes
+    assert boundary_mask(labels, sigma=2).tolist() == [
+        [[False, True, True], [False, True, True], [False, False, False]]
+    ]
+    assert not boundary_mask(labels, sigma=1)[0, 2, 0]  # the ignore index is never a boundary
+
+
+def test_instance_bank_capacity_fill_and_ema_update():
     bank = InstanceBank(3, 4, 2, momentum=0.5, gen=torch.Generator().manual_seed(0))
     assert bank.labels.tolist() == [0] * 4 + [1] * 4 + [2] * 4  # class-balanced capacity
     old = bank.features.clone()
     feats = torch.zeros(1, 2, 2, 2)
     feats[0, 0] = 1.0  # every pixel's feature is (1, 0)
-    labels = torch.tensor([[[1, 1], [1, 1]]])  # one class, no boundary: only its centre
-    assert bank.update(feats, labels, torch.Generator().manual_seed(0)) == 4
-    want = torch.nn.functional.normalize(0.5 * old[4:8] + 0.5 * torch.tensor([1.0, 0.0]), dim=1)
+    labels = torch.tensor([[[1, 1], [1, 1]]])  # one class, no boundary
+    gen = torch.Generator().manual_seed(0)
+    assert bank.update(feats, labels, gen) == 4  # first sight: filled with its instances
+    assert torch.allclose(bank.features[4:8], torch.tensor([1.0, 0.0]).expand(4, 2))
+    feats[0, 0], feats[0, 1] = 0.0, 1.0  # now every pixel is (0, 1)
+    bank.update(feats, labels, gen)  # Eq. 11: halfway toward the class centre, renormalised
+    want = torch.nn.functional.normalize(torch.tensor([0.5, 0.5]), dim=0).expand(4, 2)
     assert torch.allclose(bank.features[4:8], want)
     assert torch.equal(bank.features[:4], old[:4]) and torch.equal(bank.features[8:], old[8:])
 

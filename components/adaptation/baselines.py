@@ -111,12 +111,22 @@ class DANN(_Aligner):
             for d in dims
         )
 
+    def step(self, src, tgt, gen):
+        # ``weight`` scales only the reversed gradient that reaches the network: the domain
+        # classifier itself always learns at full rate (its loss is added unweighted)
+        out_s = self.task.forward(self.student, src)
+        out_t = self.task.forward(self.student, tgt)
+        loss_src = self.task.supervised_loss(out_s, src)
+        loss_dom = self.align(self.features(out_s, out_t, gen))
+        return loss_src + loss_dom, {"l_src": loss_src.item(), "l_domain": loss_dom.item()}
+
     def align(self, pairs):
         """Domain-classification loss through the reversal: the classifier learns to tell the
-        domains apart, the network (gradients reversed) learns features it cannot."""
+        domains apart, the network (gradients reversed, scaled by ``weight``) learns features
+        it cannot."""
         total = 0.0
         for disc, (a, b) in zip(self.discriminators, pairs, strict=True):
-            logits = disc(grad_reverse(torch.cat([a, b])))[:, 0]
+            logits = disc(grad_reverse(torch.cat([a, b]), self.cfg.weight))[:, 0]
             domain = torch.cat([torch.zeros(len(a)), torch.ones(len(b))]).to(logits.device)
             total = total + F.binary_cross_entropy_with_logits(logits, domain)
         return total

@@ -122,14 +122,22 @@ class T2SConfig(TeacherConfig):
     negatives: PositiveInt = Field(256, description="Negative keys per query (assumed).")
     reweight: bool = Field(True, description="Dynamic re-weighting by target confidence.")
     mix: bool = Field(True, description="ClassMix self-training base (DACS), as the paper.")
+    pseudo_ce: bool = Field(False, description="Also CE on pseudo-target images (Tab. 7: off).")
 
 
 class DIDAConfig(TeacherConfig):
     """DIDA: a labeled instance bank, instance-level predictions and label regeneration."""
 
     bank_size: PositiveInt = Field(300, description="K features per class (paper).")
-    bank_interval: PositiveInt = Field(50, description="u: bank update every u steps (paper).")
-    bank_momentum: Momentum = Field(0.999, description="EMA of a bank entry (paper).")
+    bank_interval: PositiveInt = Field(
+        5, description="u: bank update every u steps (assumed; paper 50 over 40k iterations)."
+    )
+    bank_momentum: Momentum = Field(
+        0.99, description="EMA of a bank entry (assumed; paper 0.999 over 40k iterations)."
+    )
+    sigma: PositiveInt = Field(
+        1, description="Boundary: more than sigma classes in 3x3 (assumed; paper 2)."
+    )
     temperature: Positive = Field(0.1, description="t of the cosine similarity (paper).")
     phi: Fraction = Field(0.9, description="Scattering / gathering threshold (paper).")
     lambda_ins: NonNeg = Field(1.0, description="Weight of the instance-level loss (assumed).")

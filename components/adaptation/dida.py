@@ -6,17 +6,23 @@ fills the bank from one image, uses a 3x3 neighbourhood that wraps across rows a
 absent classes toward zero):
 
 * **Instance bank** (Sec. III-E): ``bank_size`` K source pixel features with their labels,
-  class-balanced (``K // C`` slots per class), initialised as random unit vectors. Every
-  ``bank_interval`` u steps each class present in the source batch refreshes its slots by EMA
-  (``bank_momentum``) from the teacher's features of its *boundary* pixels (Algorithm 1: a pixel
-  whose 3x3 neighbourhood, clipped at the image border, holds another label) and the *centre*
-  (mean) of its non-boundary pixels. A class absent from the batch keeps its slots unchanged.
+  class-balanced (``K // C`` slots per class); the first source batch showing a class fills
+  its slots with randomly selected instance embeddings of it (the teacher's). Every
+  ``bank_interval`` u steps, Eq. 11: each class present moves its slots by EMA
+  (``bank_momentum``) toward the average of the mean of its *boundary* pixels (Algorithm 1: a
+  3x3 receptive field, clipped at the image border, holding more than ``sigma`` classes) and
+  the centre (mean; the paper: a k-means centre) of its other pixels. A class absent from the
+  batch keeps its slots. Assumed for our short schedule: u = 5 and momentum 0.99 (paper: 50 and
+  0.999 over 40k iterations; scaled so the bank moves about as much over ~375 steps) and
+  ``sigma`` = 1 (paper: 2, for 19-class street scenes; with 2 classes on the referring task
+  and 1-4 objects per image no pixel would ever be a boundary).
 * **Instance-level predictions** (Sec. III-C): ``softmax(cos(f, bank) / t)`` over the K slots.
 * **Scattering / gathering** (Sec. III-D, Eq. 10): the teacher's class probabilities z are
   scattered to the K slots (``z_sc[k] = z[label(k)]``) and the instance pseudo-label becomes
   ``q_hat ∝ q ⊙ z_sc`` (agreeing levels sharpen, disagreeing ones flatten; assumed form, the
   text lost the equation); the instance predictions gathered per class (``q_ga[c] = Σ_{label(k)
-  = c} q[k]``) regenerate the semantic pseudo-label ``z_hat = phi z + (1 - phi) q_ga``.
+  = c} q[k]``) regenerate the semantic pseudo-label ``z_hat = phi z + (1 - phi) q_ga``, at
+  image resolution (q_ga upsampled from the feature grid).
 * **Losses**: ``L = L_src + target_weight L_tgt + lambda_ins L_ins``: L_tgt is the student on a
   strongly augmented target view against ``argmax z_hat`` of the weak view, weighted by the
   DACS confidence quality; L_ins the cross-entropy of the student's instance predictions on the
@@ -38,15 +44,19 @@ from components.adaptation.self_training import (
 from components.data.dataset import IGNORE_INDEX
 
 
-def boundary_mask(labels: torch.Tensor) -> torch.Tensor:
-    """Algorithm 1: (B, h, w) labels -> (B, h, w) bool, True where the 3x3 neighbourhood
-    (clipped at the border, never wrapping to the next row) holds another label."""
+def boundary_mask(labels: torch.Tensor, sigma: int = 1) -> torch.Tensor:
+    """Algorithm 1: (B, h, w) labels -> (B, h, w) bool, True where the 3x3 receptive field
+    (clipped at the border, never wrapping to the next row) holds more than ``sigma``
+    distinct classes; the ignore index is not a class."""
     x = labels[:, None].float()
-    padded = F.pad(x, (1, 1, 1, 1), mode="replicate")
-    windows = F.unfold(padded, 3)  # (B, 9, h*w)
     centre = x.flatten(2)  # (B, 1, h*w)
-    diff = (windows != centre).any(1)
-    return diff.view_as(labels)
+    windows = F.unfold(F.pad(x, (1, 1, 1, 1), mode="replicate"), 3)  # (B, 9, h*w)
+    windows = torch.where(windows == IGNORE_INDEX, centre, windows)
+    distinct = torch.ones_like(windows[:, 0])
+    for k in range(1, 9):  # a window entry unlike every earlier one is a new class
+        new = (windows[:, k : k + 1] != windows[:, :k]).all(1)
+        distinct = distinct + new.float()
+    return (distinct > sigma).view_as(labels) & (labels != IGNORE_INDEX)
 
 
 def scatter(z: torch.Tensor, bank_labels: torch.Tensor) -> torch.Tensor:
@@ -85,43 +95,53 @@ def strong_view(image: torch.Tensor, strength: float, gen: torch.Generator) -> t
 
 
 class InstanceBank(torch.nn.Module):
-    """Class-balanced labeled bank: ``per_class`` unit features for each of ``num_classes``."""
+    """Class-balanced labeled bank: ``per_class`` unit features for each of ``num_classes``.
 
-    def __init__(self, num_classes: int, per_class: int, dim: int, momentum: float, gen=None):
+    Slots start as random unit vectors; the first batch that shows a class fills its slots
+    with randomly selected instance embeddings of that class (Sec. III-E); later updates
+    follow Eq. 11.
+    """
+
+    def __init__(
+        self, num_classes: int, per_class: int, dim: int, momentum: float, sigma: int = 1, gen=None
+    ):
         super().__init__()
         feats = F.normalize(torch.randn(num_classes * per_class, dim, generator=gen), dim=1)
         self.register_buffer("features", feats)  # (K, C)
         self.register_buffer("labels", torch.arange(num_classes).repeat_interleave(per_class))
+        self.register_buffer("filled", torch.zeros(num_classes, dtype=torch.bool))
         self.per_class = per_class
         self.momentum = momentum
+        self.sigma = sigma
 
     @torch.no_grad()
     def update(self, features: torch.Tensor, labels: torch.Tensor, gen: torch.Generator) -> int:
-        """EMA-refresh each present class's slots from its boundary pixels and the centre of
-        its non-boundary pixels. ``features`` (B, C, h, w), ``labels`` (B, h, w) with the
-        ignore index. Returns the number of slots refreshed."""
+        """Eq. 11 for each class present: ``e <- m e + (1 - m) e_avg``, ``e_avg`` the mean of
+        the class's boundary-pixel mean and its non-boundary centre (either alone when the
+        other is absent). A class shown for the first time fills its slots with its own
+        instances instead. ``features`` (B, C, h, w); ``labels`` (B, h, w) with the ignore
+        index. Classes absent from the batch keep their slots. Returns slots changed."""
         c = features.shape[1]
         flat = F.normalize(features.permute(0, 2, 3, 1).reshape(-1, c), dim=1)
         lab = labels.reshape(-1)
-        edge = boundary_mask(labels).reshape(-1)
-        refreshed = 0
+        edge = boundary_mask(labels, self.sigma).reshape(-1)
+        changed = 0
         for k in lab.unique().tolist():
-            if k == IGNORE_INDEX or k * self.per_class >= len(self.labels):
+            if k == IGNORE_INDEX or k >= len(self.filled):
                 continue
             mine = lab == k
-            cands = [flat[mine & edge]]
-            inner = flat[mine & ~edge]
-            if len(inner):
-                cands.append(F.normalize(inner.mean(0, keepdim=True), dim=1))
-            cand = torch.cat(cands)
-            if len(cand) == 0:
-                continue
-            pick = torch.randint(len(cand), (self.per_class,), generator=gen).to(cand.device)
             slots = slice(k * self.per_class, (k + 1) * self.per_class)
-            new = self.momentum * self.features[slots] + (1 - self.momentum) * cand[pick]
-            self.features[slots] = F.normalize(new, dim=1)
-            refreshed += self.per_class
-        return refreshed
+            if not self.filled[k]:
+                pick = torch.randint(int(mine.sum()), (self.per_class,), generator=gen)
+                self.features[slots] = flat[mine][pick.to(flat.device)]
+                self.filled[k] = True
+            else:
+                parts = [flat[m].mean(0) for m in (mine & edge, mine & ~edge) if m.any()]
+                e_avg = F.normalize(torch.stack(parts).mean(0), dim=0)
+                new = self.momentum * self.features[slots] + (1 - self.momentum) * e_avg
+                self.features[slots] = F.normalize(new, dim=1)
+            changed += self.per_class
+        return changed
 
     def predict(self, features: torch.Tensor, temperature: float) -> torch.Tensor:
         """(N, C) features -> (N, K) instance-level probabilities."""
@@ -137,7 +157,7 @@ class DIDA(MeanTeacherMethod):
         per_class = max(1, cfg.bank_size // task.num_classes)
         gen = torch.Generator().manual_seed(0)
         self.bank = InstanceBank(
-            task.num_classes, per_class, task.model.hidden, cfg.bank_momentum, gen
+            task.num_classes, per_class, task.model.hidden, cfg.bank_momentum, cfg.sigma, gen
         )
         self.register_buffer("steps", torch.zeros((), dtype=torch.long))
 
@@ -163,10 +183,11 @@ class DIDA(MeanTeacherMethod):
             zf = z_small.permute(0, 2, 3, 1).reshape(-1, n_c)
             qf = self.bank.predict(feats_t.permute(0, 2, 3, 1).reshape(-1, d), cfg.temperature)
             if cfg.regenerate:
-                z_hat, q_hat = regenerate(zf, qf, self.bank.labels, cfg.phi)
-                # the regenerated semantic label at image resolution
-                z_hat_map = z_hat.view(len(z), *size, n_c).permute(0, 3, 1, 2)
-                z_full = F.interpolate(z_hat_map, size=z.shape[-2:], mode="bilinear")
+                _, q_hat = regenerate(zf, qf, self.bank.labels, cfg.phi)
+                # Eq. 10 at image resolution: the gathered instance view upsampled
+                q_ga = gather(qf, self.bank.labels, n_c).view(len(z), *size, n_c)
+                q_ga = F.interpolate(q_ga.permute(0, 3, 1, 2), size=z.shape[-2:], mode="bilinear")
+                z_full = cfg.phi * z + (1 - cfg.phi) * q_ga
             else:
                 q_hat, z_full = qf, z
             conf, pl = z_full.max(1)
