@@ -63,12 +63,15 @@ def setup_adapt(spec: train_loop.PhaseSpec) -> train_loop.Phase:
     trainable = list(method.trainable())
     opt, sched = make_optimizer(trainable, cfg, steps * cfg.epochs)
     gen = torch.Generator().manual_seed(spec.seed)
+    # saved with every checkpoint: a resumed run samples pixels / mixes as the original did
+    extra = {"generator": gen.get_state()}
 
     def batch(data: SplitArrays, domain: str, rows: np.ndarray) -> dict:
         fields = inp.upstream.batch_fields(domain, rows)
         return {**to_batch(data, rows, device), **{k: v.to(device) for k, v in fields.items()}}
 
     def run_epoch(epoch: int, tick) -> dict:
+        gen.set_state(extra["generator"])
         method.train()
         rng = np.random.default_rng((spec.seed, rank, epoch))
         t_order = rng.permutation(t_idx)
@@ -94,6 +97,7 @@ def setup_adapt(spec: train_loop.PhaseSpec) -> train_loop.Phase:
             n += 1
             if tick:
                 tick()
+        extra["generator"] = gen.get_state()
         row = {k: v / max(1, n) for k, v in sums.items() if k != "empty_pseudo"}
         if "empty_pseudo" in sums:
             row["empty_pseudo_batches"] = sums["empty_pseudo"]
@@ -119,6 +123,7 @@ def setup_adapt(spec: train_loop.PhaseSpec) -> train_loop.Phase:
         train_epoch=run_epoch,
         validate=validate,
         steps_per_epoch=steps,
+        extra_state=extra,
     )
 
 
