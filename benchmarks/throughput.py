@@ -30,6 +30,7 @@ from components.config import load_params  # noqa: E402
 from components.data.dataset import load_split  # noqa: E402
 from components.data.vocab import Vocab  # noqa: E402
 from components.models.network import build_model  # noqa: E402
+from components.tasks import make_task  # noqa: E402
 from components.training import evaluate, make_optimizer, train_epoch  # noqa: E402
 
 
@@ -39,6 +40,7 @@ def bare(params, train, val, vocab, epochs: int) -> tuple[float, list[float]]:
     torch.manual_seed(params.seed)
     t0 = time.perf_counter()
     model = build_model(params.model, len(vocab))
+    task = make_task("referring", params.model)
     steps = math.ceil(len(train) / params.pretrain.batch_size)
     opt, sched = make_optimizer(model, params.pretrain, steps * epochs)
     per_epoch = []
@@ -47,6 +49,7 @@ def bare(params, train, val, vocab, epochs: int) -> tuple[float, list[float]]:
             rng = np.random.default_rng((params.seed, 0, epoch))
             t_epoch = time.perf_counter()
             train_epoch(
+                task,
                 model,
                 opt,
                 sched,
