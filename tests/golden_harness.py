@@ -6,6 +6,7 @@ Train workers and Tune trials run; only the Ray Train process around it is left 
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +32,7 @@ SIZES = {
     ("target", "train"): 48,
     ("target", "val"): 12,
 }
-PHASES = ("pretrain", "oracle", "semantics", "init", "masks", "adapt")
+PHASES = ("pretrain", "oracle", "semantics", "init", "masks", "adapt", "semantic")
 
 
 def golden_params() -> Params:
@@ -152,8 +153,6 @@ def run_chain(root: Path, phases=PHASES) -> dict:
     sem_masks = masks.semantic_masks(clf, target, classes, params.masks.fg_threshold)
     out["masks"]["mask_area"] = float(sem_masks.mean())
 
-    from dataclasses import replace
-
     adapt_target = replace(target, masks=sem_masks, labels=None)
     inputs = AdaptInputs(
         task,
@@ -166,6 +165,51 @@ def run_chain(root: Path, phases=PHASES) -> dict:
     )
     rows, astate = _run(setup_adapt, inputs, params, "adapt")
     out["adapt"] = _summary(rows, astate)
+    if "semantic" in phases:
+        out.update(semantic_chain(root, params, vocab))
+    return out
+
+
+def semantic_chain(root: Path, params: Params, vocab: Vocab) -> dict:
+    """The semantic task: stage-1 training, then DACS (ClassMix) from it (pinned since the
+    task was added)."""
+    from components.data.synthetic import CATEGORIES
+
+    classes = ["background", *CATEGORIES]
+    task = make_task("semantic", params.model, classes)
+    m = params.model
+    split = {
+        key: load_split(root, *key, vocab, m.max_words, m.num_superpixels, "semantic", 7)
+        for key in SIZES
+    }
+    inputs = train.SupervisedInputs(
+        task,
+        len(vocab),
+        None,
+        ray.put(split[("source", "train")]),
+        ray.put(split[("source", "val")]),
+    )
+    out = {}
+    rows, state = _run(train.setup_supervised, inputs, params, "pretrain")
+    out["semantic_pretrain"] = _summary(rows, state)
+    raw = params.model_dump(mode="json", exclude_none=True)
+    raw["adapt"] = {**{k: v for k, v in raw["adapt"].items() if k != "sda"}, "method": "dacs"}
+    raw["data"]["task"] = "semantic"
+    raw["tune"].pop("space")
+    dacs_params = parse_params(raw, "golden-dacs")
+    target = split[("target", "train")]
+    target = replace(target, masks=target.masks * False, labels=None)
+    inputs = AdaptInputs(
+        task,
+        len(vocab),
+        state["modules"]["model"],
+        Upstream(),
+        ray.put(split[("source", "train")]),
+        ray.put(target),
+        ray.put(split[("target", "val")]),
+    )
+    rows, astate = _run(setup_adapt, inputs, dacs_params, "adapt")
+    out["semantic_dacs"] = _summary(rows, astate)
     return out
 
 
