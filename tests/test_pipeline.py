@@ -105,9 +105,13 @@ def _mlflow_runs(repo: Path) -> pd.DataFrame:
 
 
 def test_one_mlflow_run_per_stage_grouped_and_tied_to_git(repo):
-    runs = _mlflow_runs(repo)
+    # The shared repository also hosts other tests' invocations (the comparison, `dvc exp
+    # run`): the fixture's `dvc repro` is the pipeline of the oldest run.
+    runs = _mlflow_runs(repo).sort_values("start_time")
+    first = runs["tags.adaseg.pipeline_id"].iloc[0]
+    runs = runs[runs["tags.adaseg.pipeline_id"] == first]
+    # every stage of that one invocation shares its pipeline id, each exactly once
     assert sorted(runs["tags.adaseg.stage"]) == sorted(STAGES)
-    assert runs["tags.adaseg.pipeline_id"].nunique() == 1
     commit = subprocess.run(
         ["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True
     ).stdout.strip()
