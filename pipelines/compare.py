@@ -202,12 +202,12 @@ def _stamp(unit: Unit, dep_stamps: list[str], code: str) -> str:
 
 
 def concurrency(params: Params) -> int:
-    """``compare.max_concurrent``, or the CPUs Ray sees (cluster) / this machine has, divided
-    by ``compare.cpus_per_run``."""
+    """``compare.max_concurrent``, or the CPUs Ray sees (a cluster's; locally
+    ``runtime.num_cpus`` or this machine's), divided by ``compare.cpus_per_run``."""
     cmp = params.compare
     if cmp.max_concurrent:
         return cmp.max_concurrent
-    cpus = os.cpu_count() or 1
+    cpus = params.runtime.num_cpus or os.cpu_count() or 1
     if ray_address(params.runtime):
         import ray
 
