@@ -30,6 +30,7 @@ import logging
 import os
 import subprocess
 import sys
+import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -244,11 +245,16 @@ def execute(units: list[Unit], work: Path, workers: int, compare_id: str) -> dic
         env[TAGS_ENV] = json.dumps({k: str(v) for k, v in tags.items()})
         env.pop("MLFLOW_RUN_ID", None)
         cmd = [sys.executable, "-m", "pipelines.cli", "--params", str(pfile), *unit.command]
+        t0 = time.time()
         with open(log_dir / f"{flat}.log", "w") as fh:
             proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env)
         if proc.returncode != 0:
             raise RuntimeError(f"compare: unit {unit.name} failed; see {log_dir / flat}.log")
-        (stamp_dir / f"{flat}.json").write_text(json.dumps({"stamp": stamp}))
+        seconds = time.time() - t0
+        log.info("compare: %s done in %.0f s", unit.name, seconds)
+        # start / seconds: when and how long it ran (the benchmarks read them)
+        done = {"stamp": stamp, "start": round(t0, 1), "seconds": round(seconds, 1)}
+        (stamp_dir / f"{flat}.json").write_text(json.dumps(done))
         return stamp
 
     with ThreadPoolExecutor(max_workers=workers) as pool:

@@ -95,6 +95,9 @@ def test_finished_units_are_reused(compared):
     log = proc.stdout + proc.stderr
     assert "compare: running" not in log
     assert log.count("up to date") == 11  # prepare, 2 x (pretrain, oracle, 2 adapt, evaluate)
+    # every finished unit recorded when and how long it ran (the scaling benchmark reads it)
+    stamps = [json.loads(p.read_text()) for p in (repo / "compare/work/.stamps").glob("*.json")]
+    assert len(stamps) == 11 and all(s["seconds"] > 0 and s["start"] > 0 for s in stamps)
 
 
 def test_unknown_method_is_refused_before_any_unit(compared):
