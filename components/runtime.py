@@ -7,6 +7,7 @@ cluster runs the driver's code.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 from pathlib import Path
@@ -23,24 +24,64 @@ def ray_address(cfg: RuntimeConfig) -> str | None:
     return os.environ.get("RAY_ADDRESS") or cfg.ray_address
 
 
+#: Loggers of Ray internals quieted in every worker process (see :func:`quiet_worker_logs`).
+QUIET_LOGGERS = (
+    # Ray Train's placement-group cleaner polls the State API, which a local instance started
+    # without the dashboard does not serve: one warning per poll, all through training.
+    "ray.train.v2._internal.execution.controller.placement_group_cleaner",
+)
+
+
+def quiet_worker_logs() -> None:
+    """Ray ``worker_process_setup_hook``: :data:`QUIET_LOGGERS` below ERROR.
+
+    Also points the worker's State API client at its own instance: with several local
+    instances on one machine (units of a comparison at once, a test suite next to a run) it
+    otherwise cannot pick one and the cleaner's thread dies with a traceback.
+    """
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    # "Reporting training result ..." once per epoch, from a logger named after its file
+    # (so Ray Train's own log level does not reach it)
+    spec = importlib.util.find_spec("ray.train.v2._internal.execution.context")
+    if spec and spec.origin and train_log_level() != "INFO":
+        logging.getLogger(spec.origin).setLevel(logging.WARNING)
+    os.environ.setdefault("RAY_ADDRESS", ray.get_runtime_context().gcs_address)
+
+
+def train_log_level() -> str:
+    """Ray Train's own log level: WARNING, so an epoch is one line of ours instead of four
+    (worker-group start, "Checkpoint successfully created", "Reporting training result");
+    ``ADASEG_RAY_VERBOSE=1`` brings Ray Train's INFO lines back."""
+    return "INFO" if os.environ.get("ADASEG_RAY_VERBOSE") == "1" else "WARNING"
+
+
 def init_ray(cfg: RuntimeConfig) -> None:
     """Start a local Ray instance, or connect to the configured cluster (idempotent)."""
     if ray.is_initialized():
         return
     # Workers must never inherit a parent MLflow run: only the driver logs.
     os.environ.pop("MLFLOW_RUN_ID", None)
+    # Ray Train V2 re-logs every print of a worker whose stdout Ray redirects, so each line
+    # reached the console twice; a user who wants Train's print capture sets it back to 1.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+    hook = f"{__name__}.{quiet_worker_logs.__name__}"
     address = ray_address(cfg)
     if address:
         pkg = str(Path(components.__file__).parent)
-        ray.init(address=address, runtime_env={"py_modules": [pkg]}, log_to_driver=True)
+        runtime_env = {"py_modules": [pkg], "worker_process_setup_hook": hook}
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
         log.info("joined Ray cluster at %s", address)
         return
+    # one node, no spot instances: Ray Train's preemption watcher has nothing to watch
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     ray.init(
         num_cpus=cfg.num_cpus or os.cpu_count(),
         include_dashboard=False,
         object_store_memory=cfg.object_store_memory_mb * 2**20,
         log_to_driver=True,
         logging_level=logging.WARNING,
+        runtime_env={"worker_process_setup_hook": hook},
     )
 
 

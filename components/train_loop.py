@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from ray.train import Checkpoint, CheckpointConfig, RunConfig, ScalingConfig
+from ray.train import Checkpoint, CheckpointConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from components.config import Params, TrainConfig
@@ -37,6 +37,7 @@ from components.runtime import (
     remove_storage,
     resolve_use_gpu,
     storage_path,
+    train_log_level,
 )
 from components.training import make_optimizer
 
@@ -232,7 +233,10 @@ def fit(
             resources_per_worker={"CPU": 1 if use_gpu else threads},
         ),
         run_config=RunConfig(
-            name=name, storage_path=storage, checkpoint_config=CheckpointConfig(num_to_keep=2)
+            name=name,
+            storage_path=storage,
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            logging_config=LoggingConfig(log_level=train_log_level()),
         ),
     )
     result = trainer.fit()

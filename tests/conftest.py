@@ -138,8 +138,14 @@ def repo(tmp_path_factory) -> Path:
         ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"],
     ):
         subprocess.run(cmd, cwd=dst, check=True)
-    run_in(dst, "dvc", "repro")
+    proc = run_in(dst, "dvc", "repro")
+    repro_log(dst).write_text(proc.stdout + proc.stderr)
     return dst
+
+
+def repro_log(repo: Path) -> Path:
+    """What the ``repo`` fixture's ``dvc repro`` printed (kept outside the repository)."""
+    return repo.with_name(repo.name + ".repro.log")
 
 
 def start_killable(repo: Path, cmd: list[str]) -> subprocess.Popen:

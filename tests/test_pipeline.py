@@ -19,7 +19,7 @@ import pytest
 
 from components.data.schema import decode_rle
 from components.metrics import referring_metrics
-from tests.conftest import kill_group, start_killable
+from tests.conftest import TINY_OVERRIDES, kill_group, repro_log, start_killable
 from tests.conftest import run_in as _run
 
 pytestmark = pytest.mark.slow
@@ -95,6 +95,17 @@ def test_eval_contract_and_metrics_recomputable(repo):
     expected = results["source_only"]["target_test"]
     for key in ("oiou", "miou", "map"):
         assert again[key] == pytest.approx(expected[key], abs=1e-6)
+
+
+def test_a_normal_repro_prints_one_line_per_epoch(repo):
+    log = repro_log(repo).read_text()
+    assert "Failed to query Ray Train Controller actor state" not in log
+    assert "Traceback" not in log
+    assert "Reporting training result" not in log  # Ray Train's INFO lines stay quiet
+    for phase in ("pretrain", "oracle", "init", "masks", "adapt"):
+        n = TINY_OVERRIDES[phase]["epochs"]
+        for epoch in range(1, n + 1):
+            assert log.count(f"{phase} epoch {epoch}/{n}:") == 1, (phase, epoch)
 
 
 def _mlflow_runs(repo: Path) -> pd.DataFrame:
