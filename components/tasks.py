@@ -233,6 +233,8 @@ TASKS: dict[str, type[Task]] = {"referring": ReferringTask, "semantic": Semantic
 
 def make_task(name: str, model: ModelConfig, class_names: list[str] | None = None) -> Task:
     """The task ``name``; the semantic task needs the dataset's class names (``classes.json``)."""
+    if name not in TASKS:
+        raise ValueError(f"data.task: unknown task {name!r} (one of {', '.join(TASKS)})")
     if name == "semantic":
         if not class_names:
             raise ValueError("the semantic task needs the dataset's class names")

@@ -12,12 +12,13 @@ process (exactly what a user would type), with its own params file under ``--wor
 
 Units whose inputs are ready run concurrently, up to ``compare.max_concurrent`` (default: the
 Ray cluster's CPUs, or this machine's, divided by ``compare.cpus_per_run``). On a cluster
-(``RAY_ADDRESS``) every unit's training runs on the cluster's workers; on a laptop they run one
-at a time. A unit is reused, not re-run, when its stamp (its command, params, upstream stamps
-and the code) is unchanged: adding a method or a seed runs only what is new.
+(``RAY_ADDRESS``) every unit's training runs on the cluster's workers; on a 2-core laptop
+(``cpus_per_run: 2``) they run one at a time. A unit is reused, not re-run, when its stamp
+(its command, params, upstream stamps and the code) is unchanged: adding a method or a seed
+runs only what is new.
 
 Every unit's MLflow run carries ``adaseg.compare`` (this comparison's id), ``adaseg.task``,
-``adaseg.seed`` and, for adapt, ``adaseg.method`` / ``adaseg.task``: ``adaseg report
+``adaseg.seed`` and, for adapt, ``adaseg.method``: ``adaseg report
 --from-mlflow <id>`` rebuilds the tables from MLflow alone.
 """
 
@@ -130,10 +131,13 @@ def plan(params: Params, raw: dict, work: Path, workers: int = 1) -> list[Unit]:
         s_dir = work / f"seed{seed}"
         data = s_dir / "data"
         base = unit_params_of(seed, "referring", "source_only")
-        add(f"seed{seed}/prepare", ["prepare", "--out", str(data)], base, [data], seed=seed)
+        add(f"seed{seed}/prepare", ["prepare", "--out", str(data)], base, [data],
+            tags={"adaseg.seed": seed}, seed=seed)  # fmt: skip
         for task in cmp.tasks:
             t_dir, key = s_dir / task, f"seed{seed}/{task}"
-            tags = {"adaseg.compare_task": task, "adaseg.seed": seed}
+            # adaseg.task on every unit (adapt also sets it itself); compare_task kept for
+            # the runs of earlier comparisons
+            tags = {"adaseg.task": task, "adaseg.compare_task": task, "adaseg.seed": seed}
             base_t = unit_params_of(seed, task, "source_only")
             models = t_dir / "models"
             for phase in ("pretrain", "oracle"):

@@ -118,7 +118,7 @@ def ablation_table(exp_show: list, model: str = "sda", split: str = "target_test
 
 def records_from_mlflow(params: Params, compare_id: str) -> list[Record]:
     """A comparison's records from MLflow alone: its ``evaluate`` runs (tags
-    ``adaseg.compare``, ``adaseg.compare_task``, ``adaseg.seed``) and their
+    ``adaseg.compare``, ``adaseg.task``, ``adaseg.seed``) and their
     ``<model>.target_test.<metric>`` metrics."""
     mlflow.set_tracking_uri(tracking_uri(params.runtime, repo_root()))
     exp = mlflow.get_experiment_by_name(params.runtime.mlflow_experiment)
@@ -134,7 +134,9 @@ def records_from_mlflow(params: Params, compare_id: str) -> list[Record]:
         raise ParamsError(f"--from-mlflow: no finished evaluate run of comparison {compare_id!r}")
     latest = {}  # a unit re-run after a change: its newest evaluate run counts
     for run in sorted(runs, key=lambda r: r.info.start_time):
-        latest[(run.data.tags["adaseg.compare_task"], run.data.tags["adaseg.seed"])] = run
+        tags = run.data.tags
+        task = tags.get("adaseg.task") or tags["adaseg.compare_task"]  # the older runs' key
+        latest[(task, tags["adaseg.seed"])] = run
     records = []
     for (task, seed), run in latest.items():
         seed = int(seed)

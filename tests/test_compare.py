@@ -43,6 +43,8 @@ def test_comparison_tables(compared):
     per_class = pd.read_csv(report / "per_class.csv")
     assert {"background", "circle", "triangle", "miou"} <= set(per_class.columns)
     assert (report / "comparison.png").stat().st_size > 0
+    plots = json.loads(run_in(repo, "dvc", "plots", "show", "--json").stdout)["data"]
+    assert plots["compare/report/comparison.png"][0]["type"] == "image"  # a DVC plot too
     metrics = json.loads((repo / "metrics/compare.json").read_text())
     assert set(metrics) == {"referring", "semantic"}
     assert metrics["referring"]["source_only"]["gap_closed"] == 0.0
@@ -68,6 +70,12 @@ def test_every_run_is_tagged_and_the_table_rebuilds_from_mlflow(compared, tmp_pa
         ("mmd", "semantic"),
     ]
     assert set(adapt["tags.adaseg.seed"]) == {"0"}
+    # every unit's run says its seed, and (but the seed's prepare) its task
+    units = mine[mine["tags.adaseg.stage"] != "compare"]
+    assert (units["tags.adaseg.seed"] == "0").all()
+    tasked = units[units["tags.adaseg.stage"] != "prepare"]
+    assert tasked["tags.adaseg.task"].notna().all()
+    assert set(tasked["tags.adaseg.task"]) == {"referring", "semantic"}
     assert (mine["status"] == "FINISHED").all()
     run_in(repo, "adaseg", "report", "--from-mlflow", compare_id, "--out", str(tmp_path / "r"))
     again = pd.read_csv(tmp_path / "r/results.csv")
