@@ -128,7 +128,7 @@ class T2SConfig(TeacherConfig):
 class DIDAConfig(TeacherConfig):
     """DIDA: a labeled instance bank, instance-level predictions and label regeneration."""
 
-    bank_size: PositiveInt = Field(300, description="K features per class (paper).")
+    bank_size: PositiveInt = Field(300, description="K features in all, K // C slots per class (paper: 300).")
     bank_interval: PositiveInt = Field(
         5, description="u: bank update every u steps (assumed; paper 50 over 40k iterations)."
     )
@@ -140,7 +140,7 @@ class DIDAConfig(TeacherConfig):
     )
     temperature: Positive = Field(0.1, description="t of the cosine similarity (paper).")
     phi: Fraction = Field(0.9, description="Scattering / gathering threshold (paper).")
-    lambda_ins: NonNeg = Field(1.0, description="Weight of the instance-level loss (assumed).")
+    lambda_ins: NonNeg = Field(1.0, description="Weight of the instance-level loss (paper: 1).")
     regenerate: bool = Field(True, description="Scattering / gathering regeneration on.")
     strength: Fraction = Field(0.5, description="Strong view: jitter / noise amount (assumed).")
 
