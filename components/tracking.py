@@ -90,6 +90,27 @@ def _experiment_id(name: str, root: Path) -> str:
         return mlflow.get_experiment_by_name(name).experiment_id
 
 
+def resume_key(stage: str, flat: dict[str, Any], root: Path) -> str:
+    """What makes a stage invocation the same one again: its stage, params, command line
+    (inputs and outputs) and repository."""
+    import sys
+
+    blob = json.dumps([stage, flat, sys.argv[1:], str(root.resolve())], sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _unfinished_run(exp_id: str, stage: str, key: str, value: str, statuses: str):
+    found = mlflow.search_runs(
+        [exp_id],
+        filter_string=f"tags.`adaseg.stage` = '{stage}' and tags.`{key}` = '{value}' "
+        f"and attributes.status {statuses}",
+        max_results=1,
+        order_by=["attributes.start_time DESC"],
+        output_format="list",
+    )
+    return found[0] if found else None
+
+
 @contextlib.contextmanager
 def stage_run(
     stage: str,
@@ -101,27 +122,28 @@ def stage_run(
 ):
     """Start the MLflow run of one stage; yields the active run.
 
-    ``resume_tag=(key, value)``: continue the stage's unfinished run carrying that tag if there
-    is one (a resumed sweep keeps its parent run), else start one with that tag.
+    A stage killed mid-run (``kill -9``, a lost node) leaves its run RUNNING; invoking the
+    same stage again (same params and command line, tag ``adaseg.resume_key``) continues that
+    run instead of opening a second one: it is re-tagged with this invocation's pipeline id
+    and ``adaseg.attempts``, and ends FINISHED or FAILED as any run. A run that ended (even
+    FAILED) is never reopened. ``resume_tag=(key, value)``: continue the unfinished run
+    carrying that tag, whatever its status (a resumed sweep keeps its parent run).
     """
     mlflow.set_tracking_uri(tracking_uri(cfg, root))
     exp_id = _experiment_id(cfg.mlflow_experiment, root)
-    if resume_tag:
-        key, value = resume_tag
-        found = mlflow.search_runs(
-            [exp_id],
-            # an unfinished run (its process was killed); a finished one is never reopened
-            filter_string=f"tags.`adaseg.stage` = '{stage}' and tags.`{key}` = '{value}' "
-            "and attributes.status != 'FINISHED'",
-            max_results=1,
-            output_format="list",
-        )
-        if found:
-            with mlflow.start_run(run_id=found[0].info.run_id) as run:
-                yield run
-            return
-    commit, dirty = git_state(root)
     flat = flatten(params)
+    if resume_tag:
+        found = _unfinished_run(exp_id, stage, *resume_tag, "!= 'FINISHED'")
+    else:
+        resume_tag = ("adaseg.resume_key", resume_key(stage, flat, root))
+        found = _unfinished_run(exp_id, stage, *resume_tag, "= 'RUNNING'")
+    if found:
+        attempts = int(found.data.tags.get("adaseg.attempts", "1")) + 1
+        with mlflow.start_run(run_id=found.info.run_id) as run:
+            mlflow.set_tags({"adaseg.pipeline_id": pipeline_id(), "adaseg.attempts": attempts})
+            yield run
+        return
+    commit, dirty = git_state(root)
     tags = {
         "adaseg.stage": stage,
         "adaseg.pipeline_id": pipeline_id(),
@@ -130,10 +152,9 @@ def stage_run(
         ).hexdigest()[:12],
         "adaseg.git_dirty": str(dirty).lower(),
         "mlflow.source.git.commit": commit,
+        resume_tag[0]: resume_tag[1],
         **extra_tags(),
     }
-    if resume_tag:
-        tags[resume_tag[0]] = resume_tag[1]
     with mlflow.start_run(experiment_id=exp_id, run_name=name or stage, tags=tags) as run:
         mlflow.log_params(flat)
         yield run

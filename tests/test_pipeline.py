@@ -207,11 +207,27 @@ def test_killed_training_stage_resumes(repo):
     kill_group(proc)
     assert not (repo / "resume/model").exists()  # nothing half-written
 
+    runs = _mlflow_runs(repo)
+    mine = (runs["tags.adaseg.stage"] == "pretrain") & (runs["params.pretrain.epochs"] == "4")
+    killed = runs[mine & (runs["status"] == "RUNNING")]
+    assert len(killed) == 1  # the killed stage's run, left open
+
     out = _run(repo, *cmd)
     assert "resuming after epoch" in out.stdout + out.stderr
     history = pd.read_csv(repo / "resume/p.csv")
     assert history["epoch"].tolist() == [1, 2, 3, 4]
     assert not list(storage.glob("pretrain-*"))  # resume state removed once materialised
+    # the re-run continued the killed run: one run for both attempts, finished, no doubles
+    key = killed["tags.adaseg.resume_key"].iloc[0]
+    runs = _mlflow_runs(repo)
+    mine = runs[runs["tags.adaseg.resume_key"] == key]
+    assert mine["run_id"].tolist() == killed["run_id"].tolist()
+    assert mine["status"].tolist() == ["FINISHED"]
+    assert mine["tags.adaseg.attempts"].tolist() == ["2"]
+    import mlflow
+
+    history = mlflow.MlflowClient().get_metric_history(mine["run_id"].iloc[0], "loss")
+    assert [m.step for m in history] == [1, 2, 3, 4]  # each epoch logged once
 
 
 def test_corrupt_shard_fails_cleanly(repo):
