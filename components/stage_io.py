@@ -51,19 +51,27 @@ def load_task_split(
     )
 
 
+def _stage_table(folder: str | Path, name: str, stage: str) -> pd.DataFrame:
+    """``folder/name`` (a Parquet table the ``stage`` stage writes) indexed by sample id."""
+    path = Path(folder) / name
+    if not path.is_file():
+        raise DataError(f"{path}: missing; it is the {stage} stage's output (run {stage} first)")
+    return pd.read_parquet(path).set_index("sample_id")
+
+
 def load_labels(folder: str | Path, data: SplitArrays) -> tuple[np.ndarray, np.ndarray]:
     """CSM category (N,) and common flag (N,) aligned with ``data`` by sample id."""
-    table = pd.read_parquet(Path(folder) / "labels.parquet").set_index("sample_id")
+    table = _stage_table(folder, "labels.parquet", "semantics")
     missing = [s for s in data.sample_ids if s not in table.index]
     if missing:
-        raise ValueError(f"{folder}/labels.parquet: no category for sample {missing[0]}")
+        raise DataError(f"{folder}/labels.parquet: no category for sample {missing[0]}")
     rows = table.loc[data.sample_ids]
     return rows["category"].to_numpy(np.int64), rows["common"].to_numpy(bool)
 
 
 def load_masks(folder: str | Path, data: SplitArrays) -> np.ndarray:
     """Semantic-based masks (N, H, W) of the ``masks`` stage aligned with ``data`` by id."""
-    table = pd.read_parquet(Path(folder) / "semantic_masks.parquet").set_index("sample_id")
+    table = _stage_table(folder, "semantic_masks.parquet", "masks")
     missing = [s for s in data.sample_ids if s not in table.index]
     if missing:
         raise DataError(f"{folder}/semantic_masks.parquet: no mask for sample {missing[0]}")

@@ -83,6 +83,15 @@ def test_a_method_without_its_upstream_output_is_refused(tmp_path, tiny_raw):
         load_inputs(params, tmp_path, semantics=None, masks=None)
 
 
+def test_an_upstream_folder_without_its_table_names_the_file_and_stage(tmp_path, tiny_raw):
+    params = parse_params(tiny_raw)
+    _dataset(tmp_path, params)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(DataError, match=r"empty/semantic_masks.parquet: missing; .* masks stage"):
+        load_inputs(params, tmp_path, semantics=empty, masks=empty)
+
+
 def test_target_ground_truth_never_reaches_a_method(tmp_path, tiny_raw):
     _switch_to_dacs(tiny_raw)
     params = parse_params(tiny_raw)

@@ -128,7 +128,9 @@ class T2SConfig(TeacherConfig):
 class DIDAConfig(TeacherConfig):
     """DIDA: a labeled instance bank, instance-level predictions and label regeneration."""
 
-    bank_size: PositiveInt = Field(300, description="K features in all, K // C slots per class (paper: 300).")
+    bank_size: PositiveInt = Field(
+        300, description="K features in all, K // C slots per class (paper: 300)."
+    )
     bank_interval: PositiveInt = Field(
         5, description="u: bank update every u steps (assumed; paper 50 over 40k iterations)."
     )
