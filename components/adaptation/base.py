@@ -8,6 +8,7 @@ A method is an ``nn.Module`` that holds every trainable part it adds to the pret
     loss, logs = method.step(source_batch, target_batch, generator)   # one training step
     loss.backward(); optimizer.step()                                  # over method.trainable()
     method.after_step()                                                # EMA teacher, banks
+    method.extra_state()                          # non-tensor state, saved every epoch
     method.inference_network()                                         # what ``evaluate`` runs
 
 Batches are the task's (``components.tasks``): the source batch carries its labels; the target
@@ -78,6 +79,14 @@ class AdaptationMethod(nn.Module):
 
     def after_step(self) -> None:
         """State updates after the optimizer step (EMA teacher, banks); default: none."""
+
+    def extra_state(self) -> dict:
+        """State outside parameters and buffers (e.g. SDA's FIFO memory bank) as plain
+        containers of tensors, saved in every epoch checkpoint; default: none."""
+        return {}
+
+    def load_extra_state(self, state: dict) -> None:
+        """Restore :meth:`extra_state` on resume."""
 
     def inference_network(self) -> nn.Module:
         """The network ``evaluate`` runs: by default the student."""

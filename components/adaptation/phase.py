@@ -63,8 +63,9 @@ def setup_adapt(spec: train_loop.PhaseSpec) -> train_loop.Phase:
     trainable = list(method.trainable())
     opt, sched = make_optimizer(trainable, cfg, steps * cfg.epochs)
     gen = torch.Generator().manual_seed(spec.seed)
-    # saved with every checkpoint: a resumed run samples pixels / mixes as the original did
-    extra = {"generator": gen.get_state()}
+    # saved with every checkpoint: a resumed run samples pixels / mixes as the original did,
+    # and finds the method's state outside its tensors (memory banks) as it was
+    extra = {"generator": gen.get_state(), "method": method.extra_state()}
 
     def batch(data: SplitArrays, domain: str, rows: np.ndarray) -> dict:
         fields = inp.upstream.batch_fields(domain, rows)
@@ -72,6 +73,7 @@ def setup_adapt(spec: train_loop.PhaseSpec) -> train_loop.Phase:
 
     def run_epoch(epoch: int, tick) -> dict:
         gen.set_state(extra["generator"])
+        method.load_extra_state(extra["method"])
         method.train()
         rng = np.random.default_rng((spec.seed, rank, epoch))
         t_order = rng.permutation(t_idx)
@@ -98,6 +100,7 @@ def setup_adapt(spec: train_loop.PhaseSpec) -> train_loop.Phase:
             if tick:
                 tick()
         extra["generator"] = gen.get_state()
+        extra["method"] = method.extra_state()
         row = {k: v / max(1, n) for k, v in sums.items() if k != "empty_pseudo"}
         if "empty_pseudo" in sums:
             row["empty_pseudo_batches"] = sums["empty_pseudo"]

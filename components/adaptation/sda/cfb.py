@@ -60,6 +60,22 @@ class MemoryBank:
     def __len__(self) -> int:
         return sum(len(q) for q in self.queues.values())
 
+    def state(self) -> dict:
+        """The queues as plain lists and tensors (what a ``weights_only`` checkpoint holds)."""
+        keys = sorted(self.queues)
+        return {
+            "keys": [[d, c] for d, c in keys],
+            "feats": [torch.stack(list(self.queues[k])) if self.queues[k] else None for k in keys],
+        }
+
+    def load(self, state: dict) -> None:
+        """Restore :meth:`state`'s queues, oldest entry first, as they were."""
+        self.queues = {}
+        for (domain, cat), feats in zip(state["keys"], state["feats"], strict=True):
+            queue = self.queues.setdefault((domain, int(cat)), deque(maxlen=self.size))
+            if feats is not None:
+                queue.extend(feats.unbind(0))
+
 
 def info_nce(
     anchors: torch.Tensor,

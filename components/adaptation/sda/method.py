@@ -209,3 +209,10 @@ class SDA(AdaptationMethod):
     @torch.no_grad()
     def after_step(self) -> None:
         ema_update(self.teacher, self.student, self.cfg.ema)
+
+    def extra_state(self) -> dict:
+        return {"bank": self.bank.state()}
+
+    def load_extra_state(self, state: dict) -> None:
+        if state:
+            self.bank.load(state["bank"])
