@@ -139,6 +139,8 @@ def write_report(records: list[Record], out: Path) -> dict:
     """``results.md``, ``results.csv``, ``per_class.csv`` (semantic) and ``comparison.png``
     into ``out``; returns the DVC metrics (task -> model -> headline mean and gap closed)."""
     tasks = [t for t in HEADLINE if any(r.task == t for r in records)]
+    if not tasks:
+        raise ValueError("no evaluated model to compare (no records of a known task)")
     tables = {t: summary_table(records, t) for t in tasks}
     md, frames, metrics = ["# Methods on the target test split", ""], [], {}
     for task, df in tables.items():

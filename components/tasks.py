@@ -238,5 +238,10 @@ def make_task(name: str, model: ModelConfig, class_names: list[str] | None = Non
     if name == "semantic":
         if not class_names:
             raise ValueError("the semantic task needs the dataset's class names")
+        # label maps and predictions are uint8 with 255 the ignore index
+        if not 2 <= len(class_names) <= IGNORE_INDEX:
+            raise ValueError(
+                f"the semantic task needs 2 to {IGNORE_INDEX} classes, got {len(class_names)}"
+            )
         return SemanticTask(model, len(class_names), tuple(class_names))
     return ReferringTask(model, 2, ("background", "foreground"))

@@ -101,6 +101,19 @@ def test_target_ground_truth_never_reaches_a_method(tmp_path, tiny_raw):
     assert source.masks.any() and val.masks.any()  # labels stay where they are allowed
 
 
+@pytest.mark.parametrize(
+    ("name", "classes", "message"),
+    [
+        ("panoptic", None, "unknown task 'panoptic'"),
+        ("semantic", ["background"], "2 to 255 classes, got 1"),
+        ("semantic", [str(i) for i in range(256)], "2 to 255 classes, got 256"),
+    ],
+)
+def test_impossible_tasks_are_refused(name, classes, message):
+    with pytest.raises(ValueError, match=message):
+        make_task(name, parse_params_model(), classes)
+
+
 def test_referring_two_class_view_is_the_sigmoid():
     task = make_task("referring", parse_params_model())
     logit = torch.randn(2, 5, 5)
