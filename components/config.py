@@ -231,6 +231,11 @@ class AdaptConfig(TrainConfig):
     batch_size: PositiveInt = Field(16, description="Per domain (paper: 8).")
     lr: Annotated[float, Field(gt=0)] = Field(1e-4, description="assumed (continued training)")
     warmup_steps: NonNegInt = 20
+    label_free_metrics: bool = Field(
+        False,
+        description="Also report the label-free model-selection criteria every epoch "
+        "(components.selection: IM, SND, DEV, source-val metrics); sweeps always do.",
+    )
     source_only: SourceOnlyConfig | None = None
     sda: SDAConfig | None = None
     dacs: DACSConfig | None = None
@@ -267,7 +272,17 @@ class AdaptConfig(TrainConfig):
 
 #: every upper bound of an ORDERED pair a sweep draws stays this far above the smallest lower
 GAMMA_MARGIN = 2e-3
-TUNE_METRICS = ("val_oiou", "val_miou", "val_map", "unsup_confidence", "unsup_agreement")
+#: label-free criteria a sweep can rank trials by (no target labels read)
+LABEL_FREE_METRICS = (
+    "unsup_confidence",
+    "unsup_agreement",
+    "unsup_im",
+    "unsup_snd",
+    "unsup_dev",
+    "src_val_oiou",
+    "src_val_miou",
+)
+TUNE_METRICS = ("val_oiou", "val_miou", "val_map", *LABEL_FREE_METRICS)
 
 
 def tunable_sections(params: Params) -> dict[str, type[_Section]]:

@@ -18,7 +18,13 @@ import ray
 import torch
 
 from components import train_loop
-from components.adaptation.phase import AdaptInputs, build_method, load_inputs, setup_adapt
+from components.adaptation.phase import (
+    AdaptInputs,
+    build_method,
+    load_inputs,
+    load_source_val,
+    setup_adapt,
+)
 from components.adaptation.registry import METHODS
 from components.adaptation.sda.cfb import masked_mean
 from components.adaptation.sda.method import cells
@@ -47,6 +53,7 @@ def run(
 ) -> list[dict]:
     cfg = params.adapt
     vocab, task, (source, target, val), upstream = load_inputs(params, data_dir, semantics, masks)
+    src_val = load_source_val(params, data_dir, task, vocab) if cfg.label_free_metrics else None
     model, _ = load_trained(init)
     init_ray(params.runtime)
     inputs = AdaptInputs(
@@ -57,6 +64,7 @@ def run(
         ray.put(source),
         ray.put(target),
         ray.put(val),
+        ray.put(src_val) if src_val is not None else None,
     )
     requires = METHODS[cfg.method].requires
     state = train_loop.fit(
@@ -67,6 +75,7 @@ def run(
         inputs,
         inputs=[
             *shard_paths(data_dir, "source", "train"),
+            *(shard_paths(data_dir, "source", "val") if src_val is not None else []),
             init / "model.pt",
             *([semantics / "labels.parquet"] if "semantics" in requires else []),
             *([masks / "semantic_masks.parquet"] if "masks" in requires else []),

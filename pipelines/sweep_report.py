@@ -9,10 +9,10 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from components.config import TuneConfig
+from components.config import LABEL_FREE_METRICS, TuneConfig
 from pipelines.sweep_space import overrides_of
 
-UNSUPERVISED = ("unsup_confidence", "unsup_agreement")
+UNSUPERVISED = LABEL_FREE_METRICS
 
 
 def trials_table(results, tcfg: TuneConfig, keys: list[str]) -> pd.DataFrame:
@@ -38,16 +38,19 @@ def trials_table(results, tcfg: TuneConfig, keys: list[str]) -> pd.DataFrame:
 
 
 def rank_agreement(table: pd.DataFrame) -> dict[str, float]:
-    """Spearman correlation of each label-free criterion with labeled target-val oIoU, over
-    trials that ran every epoch (how well it would rank trials without target labels)."""
+    """Spearman correlation of each label-free criterion with labeled target-val oIoU (mIoU on
+    the semantic task), over trials that ran every epoch (how well it would rank trials
+    without target labels)."""
     from scipy.stats import spearmanr
 
     done = table[table.status == "COMPLETED"]
+    # the headline labeled metric: oIoU on the referring task, mIoU on the semantic task
+    ref = "val_oiou" if "val_oiou" in done and done["val_oiou"].notna().any() else "val_miou"
     out = {}
-    for name in UNSUPERVISED:
-        ok = done[[name, "val_oiou"]].dropna()
-        if len(ok) >= 3 and ok[name].nunique() > 1 and ok["val_oiou"].nunique() > 1:
-            out[f"spearman_{name}_vs_val_oiou"] = float(spearmanr(ok[name], ok["val_oiou"])[0])
+    for name in (n for n in UNSUPERVISED if n in done):
+        ok = done[[name, ref]].dropna()
+        if len(ok) >= 3 and ok[name].nunique() > 1 and ok[ref].nunique() > 1:
+            out[f"spearman_{name}_vs_{ref}"] = float(spearmanr(ok[name], ok[ref])[0])
     return out
 
 

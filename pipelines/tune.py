@@ -45,7 +45,7 @@ from ray import tune
 
 from components import train_loop
 from components.adaptation.base import Upstream
-from components.adaptation.phase import AdaptInputs, load_inputs, setup_adapt
+from components.adaptation.phase import AdaptInputs, load_inputs, load_source_val, setup_adapt
 from components.adaptation.registry import METHODS
 from components.adaptation.sda import semantics
 from components.adaptation.sda.method import SDA
@@ -300,6 +300,8 @@ def run(
         ray.put(source),
         ray.put(target),  # semantic-based masks in place of labels
         ray.put(val),
+        # every trial reports the label-free criteria, to rank them against target val
+        ray.put(load_source_val(params, data_dir, task, vocab)),
     )
     ctx = TrialContext(
         params,
@@ -413,10 +415,14 @@ def main(
     plots: str,
     metrics: str,
 ) -> None:
-    if params.data.task == "semantic" and params.tune.metric in ("val_oiou", "val_map"):
+    if params.data.task == "semantic" and params.tune.metric in (
+        "val_oiou",
+        "val_map",
+        "src_val_oiou",
+    ):
         raise ParamsError(
             f"tune.metric: {params.tune.metric} is a referring metric; the semantic task "
-            "reports val_miou (and the unsup_* criteria)"
+            "reports val_miou / src_val_miou (and the unsup_* criteria)"
         )
     if params.tune.metric == "unsup_agreement" and not issubclass(
         METHODS[params.adapt.method], MeanTeacherMethod | SDA

@@ -25,6 +25,7 @@ from components.adaptation.registry import METHODS
 from components.config import Params, ParamsError
 from components.data.dataset import SplitArrays, iterate_batches, to_batch
 from components.data.vocab import Vocab
+from components.selection import selection_metrics
 from components.stage_io import load_labels, load_masks, load_task_split, task_of
 from components.tasks import Task
 from components.training import make_optimizer
@@ -41,6 +42,9 @@ class AdaptInputs:
     source_ref: ray.ObjectRef  # labeled source train split
     target_ref: ray.ObjectRef  # target train split without its ground truth
     val_ref: ray.ObjectRef  # labeled target val split (reporting only)
+    # labeled source val split: when given, every epoch also reports the label-free model
+    # selection criteria (components.selection); sweeps always give it
+    source_val_ref: ray.ObjectRef | None = None
 
 
 def build_method(params: Params, inp: AdaptInputs) -> AdaptationMethod:
@@ -57,6 +61,7 @@ def setup_adapt(spec: train_loop.PhaseSpec) -> train_loop.Phase:
     task = inp.task
     rank, world, device = train_loop.worker_info(spec)
     src, tgt, val = (ray.get(r) for r in (inp.source_ref, inp.target_ref, inp.val_ref))
+    src_val = ray.get(inp.source_val_ref) if inp.source_val_ref is not None else None
     method = build_method(spec.params, inp).to(device)
     s_idx, t_idx = np.arange(rank, len(src), world), np.arange(rank, len(tgt), world)
     steps = math.ceil(min(len(s_idx), len(t_idx)) / cfg.batch_size)
@@ -114,10 +119,13 @@ def setup_adapt(spec: train_loop.PhaseSpec) -> train_loop.Phase:
     def validate() -> dict:
         # labeled target val (reporting / sweep objective) + criteria that need no labels
         net = method.inference_network()
-        return {
+        row = {
             **task.val_metrics(net, val, device),
             **task.unsupervised_metrics(net, method.teacher_network(), val, device),
         }
+        if src_val is not None:  # target val's images only, never its labels
+            row.update(selection_metrics(task, net, val, src_val, device, spec.seed))
+        return row
 
     return train_loop.Phase(
         epochs=cfg.epochs,
@@ -128,6 +136,12 @@ def setup_adapt(spec: train_loop.PhaseSpec) -> train_loop.Phase:
         steps_per_epoch=steps,
         extra_state=extra,
     )
+
+
+def load_source_val(params: Params, data_dir: Path, task: Task, vocab: Vocab) -> SplitArrays:
+    """The labeled source val split, for the label-free selection criteria (DEV, source-val
+    metrics; see ``AdaptInputs.source_val_ref``)."""
+    return load_task_split(params, data_dir, "source", "val", task, vocab)
 
 
 def required_input(params: Params, what: str, path: Path | None) -> Path:
