@@ -7,7 +7,9 @@ never sees concurrent writers. Tags on every run:
   ``dvc repro`` / ``dvc exp run`` (``ADASEG_PIPELINE_ID`` if set, else derived from the DVC
   process that launched the stage, else fresh);
 * ``mlflow.source.git.commit`` and ``adaseg.git_dirty``; ``adaseg.params_hash``: hash of the
-  params sections the stage read.
+  params sections the stage read;
+* inside ``dvc exp run``: ``adaseg.dvc_exp`` (the experiment's name) and
+  ``adaseg.dvc_exp_baseline``.
 """
 
 from __future__ import annotations
@@ -53,6 +55,14 @@ TAGS_ENV = "ADASEG_RUN_TAGS"
 def extra_tags() -> dict[str, str]:
     raw = os.environ.get(TAGS_ENV)
     return {str(k): str(v) for k, v in json.loads(raw).items()} if raw else {}
+
+
+def dvc_experiment_tags() -> dict[str, str]:
+    """``adaseg.dvc_exp`` (the experiment's name, a row of ``dvc exp show``) and
+    ``adaseg.dvc_exp_baseline`` (its baseline commit) when the stage runs inside
+    ``dvc exp run``, which sets ``DVC_EXP_NAME`` / ``DVC_EXP_BASELINE_REV`` for its stages."""
+    names = {"DVC_EXP_NAME": "adaseg.dvc_exp", "DVC_EXP_BASELINE_REV": "adaseg.dvc_exp_baseline"}
+    return {tag: os.environ[var] for var, tag in names.items() if os.environ.get(var)}
 
 
 def git_state(root: Path) -> tuple[str, bool]:
@@ -153,6 +163,7 @@ def stage_run(
         "adaseg.git_dirty": str(dirty).lower(),
         "mlflow.source.git.commit": commit,
         resume_tag[0]: resume_tag[1],
+        **dvc_experiment_tags(),
         **extra_tags(),
     }
     with mlflow.start_run(experiment_id=exp_id, run_name=name or stage, tags=tags) as run:

@@ -166,9 +166,14 @@ def test_second_repro_does_nothing(repo):
 
 
 def test_dvc_exp_run_with_override(repo):
-    out = _run(repo, "dvc", "exp", "run", "-S", "adapt.sda.lambda2=0.0").stdout
+    out = _run(repo, "dvc", "exp", "run", "-n", "no-mi", "-S", "adapt.sda.lambda2=0.0").stdout
     assert "Running stage 'adapt'" in out and "Running stage 'pretrain'" not in out
     assert "adapt.sda.lambda2" in _run(repo, "dvc", "exp", "show", "--csv").stdout
+    # the experiment's runs are one MLflow filter away: tags.adaseg.dvc_exp = 'no-mi'
+    runs = _mlflow_runs(repo)
+    mine = runs[runs["tags.adaseg.dvc_exp"] == "no-mi"]
+    assert set(mine["tags.adaseg.stage"]) == {"adapt", "evaluate", "report"}
+    assert (mine["params.adapt.sda.lambda2"].dropna() == "0.0").all()
     out = _run(repo, "dvc", "exp", "run", "-S", "pretrain.epochs=1").stdout
     assert "Running stage 'pretrain'" in out and "Running stage 'prepare'" not in out
     assert pd.read_csv(repo / "plots/pretrain.csv")["epoch"].tolist() == [1]

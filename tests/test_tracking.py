@@ -93,3 +93,18 @@ def test_a_failed_run_is_never_reopened(store, tmp_path):
     assert mlflow.get_run(failed).info.status == "FAILED"
     with stage_run("pretrain", store, params, tmp_path) as run:
         assert run.info.run_id != failed
+
+
+def test_a_dvc_experiments_runs_carry_its_name(store, tmp_path, monkeypatch):
+    monkeypatch.setenv("DVC_EXP_NAME", "no-mi")
+    monkeypatch.setenv("DVC_EXP_BASELINE_REV", "abc123")
+    with stage_run("adapt", store, {"adapt": {"lr": 1e-4}}, tmp_path):
+        pass
+    monkeypatch.delenv("DVC_EXP_NAME")
+    monkeypatch.delenv("DVC_EXP_BASELINE_REV")
+    with stage_run("adapt", store, {"adapt": {"lr": 3e-4}}, tmp_path):
+        pass
+    runs = _runs(store).set_index("params.adapt.lr")
+    assert runs.loc["0.0001", "tags.adaseg.dvc_exp"] == "no-mi"
+    assert runs.loc["0.0001", "tags.adaseg.dvc_exp_baseline"] == "abc123"
+    assert not isinstance(runs.loc["0.0003", "tags.adaseg.dvc_exp"], str)  # a plain repro: none
