@@ -166,6 +166,7 @@ def test_second_repro_does_nothing(repo):
 
 
 def test_dvc_exp_run_with_override(repo):
+    baseline_lock = (repo / "dvc.lock").read_text()
     out = _run(repo, "dvc", "exp", "run", "-n", "no-mi", "-S", "adapt.sda.lambda2=0.0").stdout
     assert "Running stage 'adapt'" in out and "Running stage 'pretrain'" not in out
     assert "adapt.sda.lambda2" in _run(repo, "dvc", "exp", "show", "--csv").stdout
@@ -178,8 +179,11 @@ def test_dvc_exp_run_with_override(repo):
     assert "Running stage 'pretrain'" in out and "Running stage 'prepare'" not in out
     assert pd.read_csv(repo / "plots/pretrain.csv")["epoch"].tolist() == [1]
     assert "pretrain.epochs" in _run(repo, "dvc", "exp", "show", "--csv").stdout
+    # back to the baseline: its params, its lock and (from the cache) its outputs
     _run(repo, "git", "checkout", "--", "params.yaml")
+    (repo / "dvc.lock").write_text(baseline_lock)
     _run(repo, "dvc", "checkout", "--force")
+    assert "Running stage" not in _run(repo, "dvc", "repro").stdout
 
 
 def test_killed_training_stage_resumes(repo):
@@ -279,3 +283,33 @@ def test_prepared_data_is_deterministic(repo, tmp_path):
     b = pd.read_parquet(tmp_path / "again/target/train")
     assert a["query"].tolist() == b["query"].tolist()
     assert np.array_equal(a["image_png"].to_numpy(), b["image_png"].to_numpy())
+
+
+def test_dvc_remote_round_trip(repo, tmp_path):
+    """push to a local-directory remote, a fresh clone pulls, and its `dvc repro` has
+    nothing to do; its metrics equal the original's (in a copy: the shared repo stays)."""
+    work = tmp_path / "work"
+    shutil.copytree(repo, work, ignore=shutil.ignore_patterns(".adaseg", "mlruns.db"))
+    _run(work, "dvc", "repro")  # the copy in step with its own dvc.lock, whatever ran before
+    remote = tmp_path / "remote"
+    _run(work, "dvc", "remote", "add", "-d", "store", str(remote))
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
+    _run(work, *git, "add", "dvc.lock", ".dvc/config", "params.yaml")
+    _run(work, *git, "commit", "-qm", "lock and remote")
+    _run(work, "dvc", "push")
+    clone = tmp_path / "clone"
+    _run(tmp_path, "git", "clone", "-q", str(work), str(clone))
+    assert not (clone / "models/sda").exists()
+    _run(clone, "dvc", "pull")
+    assert (clone / "models/sda/model.pt").is_file()
+    out = _run(clone, "dvc", "repro").stdout
+    assert "Running stage" not in out and "up to date" in out
+
+    def metrics(r: Path) -> dict:
+        shown = json.loads(_run(r, "dvc", "metrics", "show", "--json").stdout)[""]["data"]
+        return {path: v["data"] for path, v in shown.items() if "data" in v}
+
+    # the default pipeline's metrics (the on-demand pipelines' are not cached, so not pushed)
+    mine, pulled = metrics(work), metrics(clone)
+    assert "metrics/eval.json" in pulled
+    assert {k: mine[k] for k in pulled} == pulled
