@@ -56,6 +56,25 @@ def train_log_level() -> str:
     return "INFO" if os.environ.get("ADASEG_RAY_VERBOSE") == "1" else "WARNING"
 
 
+def use_loopback() -> None:
+    """Make the local instance listen on 127.0.0.1 only.
+
+    Ray otherwise takes the machine's network address as the node's, and its servers (GCS,
+    raylet, workers) listen there. With clusters disabled (the switch Ray reads on every
+    platform; it is named for the platforms where that is the default) the node address is
+    127.0.0.1 and every server binds to it. Ray reads the switch from the environment when it
+    is imported, so this process's copy is set too; the processes the instance starts inherit
+    the environment. Joining a real cluster (``RAY_ADDRESS``) never comes here.
+    ``tests/test_runtime.py`` checks the listening sockets, so a Ray upgrade that moves the
+    switch is caught. ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1`` opts out.
+    """
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    if os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "0":
+        from ray._private import ray_constants
+
+        ray_constants.ENABLE_RAY_CLUSTER = False
+
+
 def init_ray(cfg: RuntimeConfig) -> None:
     """Start a local Ray instance, or connect to the configured cluster (idempotent)."""
     if ray.is_initialized():
@@ -75,6 +94,7 @@ def init_ray(cfg: RuntimeConfig) -> None:
         return
     # one node, no spot instances: Ray Train's preemption watcher has nothing to watch
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    use_loopback()
     ray.init(
         num_cpus=cfg.num_cpus or os.cpu_count(),
         include_dashboard=False,

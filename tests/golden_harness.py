@@ -251,6 +251,9 @@ if __name__ == "__main__":
     import json
     import sys
 
+    from components.runtime import use_loopback
+
+    use_loopback()
     ray.init(num_cpus=2, include_dashboard=False, object_store_memory=100 * 2**20)
     result = run_chain(Path(sys.argv[1]), tuple(sys.argv[2:]) or PHASES)
     print(json.dumps(result))
