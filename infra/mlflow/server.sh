@@ -2,12 +2,13 @@
 # Start an MLflow tracking server (MLflow 3.17) for adaseg runs.
 #
 #   infra/mlflow/server.sh                       # 127.0.0.1:5000, SQLite + local artifacts
-#   HOST=0.0.0.0 infra/mlflow/server.sh          # reachable from Ray nodes on a private network
+#   HOST=0.0.0.0 ALLOW_NON_LOOPBACK=1 infra/mlflow/server.sh   # from Ray nodes on a private network
 #   BACKEND_STORE_URI=postgresql://user:pass@db:5432/mlflow \
 #   ARTIFACTS_DESTINATION=s3://bucket/mlflow infra/mlflow/server.sh
 #
 # Environment (all optional):
-#   HOST, PORT                 bind address (default 127.0.0.1) and port (default 5000)
+#   HOST, PORT                 bind address (default 127.0.0.1) and port (default 5000); any
+#                              non-loopback HOST is refused unless ALLOW_NON_LOOPBACK=1
 #   ROOT                       local state dir (default <repo>/.adaseg, Git-ignored)
 #   BACKEND_STORE_URI          default sqlite:///$ROOT/mlflow/mlflow.db
 #   ARTIFACTS_DESTINATION      proxied artifact store, default $ROOT/mlflow/artifacts;
@@ -28,6 +29,18 @@ BACKEND_STORE_URI="${BACKEND_STORE_URI:-sqlite:///$STATE_DIR/mlflow.db}"
 ARTIFACTS_DESTINATION="${ARTIFACTS_DESTINATION:-$STATE_DIR/artifacts}"
 DEFAULT_ARTIFACT_ROOT="${DEFAULT_ARTIFACT_ROOT:-}"
 ALLOWED_HOSTS="${ALLOWED_HOSTS:-}"
+
+# Loopback unless the user says otherwise: the server has no authentication of its own.
+case "$HOST" in
+  127.* | localhost | "::1") ;;
+  *)
+    if [[ "${ALLOW_NON_LOOPBACK:-}" != "1" ]]; then
+      echo "refusing to bind the MLflow server to $HOST: it has no authentication;" >&2
+      echo "set ALLOW_NON_LOOPBACK=1 to expose it on a trusted private network" >&2
+      exit 2
+    fi
+    ;;
+esac
 
 command -v mlflow >/dev/null 2>&1 || {
   echo "mlflow not found: activate the project environment (pip install -e .)" >&2
