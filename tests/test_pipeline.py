@@ -8,6 +8,7 @@ resume of a killed training stage, and that bad data fails cleanly without parti
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import time
@@ -170,10 +171,13 @@ def test_dvc_exp_run_with_override(repo):
     out = _run(repo, "dvc", "exp", "run", "-n", "no-mi", "-S", "adapt.sda.lambda2=0.0").stdout
     assert "Running stage 'adapt'" in out and "Running stage 'pretrain'" not in out
     assert "adapt.sda.lambda2" in _run(repo, "dvc", "exp", "show", "--csv").stdout
-    # the experiment's runs are one MLflow filter away: tags.adaseg.dvc_exp = 'no-mi'
+    # the experiment's runs are one MLflow filter away: tags.adaseg.dvc_exp = 'no-mi', one
+    # per stage DVC ran (`report` only when evaluate's metrics changed on this tiny data)
+    ran = set(re.findall(r"Running stage '([\w-]+)'", out))
+    assert {"adapt", "evaluate"} <= ran
     runs = _mlflow_runs(repo)
     mine = runs[runs["tags.adaseg.dvc_exp"] == "no-mi"]
-    assert set(mine["tags.adaseg.stage"]) == {"adapt", "evaluate", "report"}
+    assert sorted(mine["tags.adaseg.stage"]) == sorted(ran)
     assert (mine["params.adapt.sda.lambda2"].dropna() == "0.0").all()
     out = _run(repo, "dvc", "exp", "run", "-S", "pretrain.epochs=1").stdout
     assert "Running stage 'pretrain'" in out and "Running stage 'prepare'" not in out
