@@ -96,6 +96,10 @@ def init_ray(cfg: RuntimeConfig) -> None:
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     use_loopback()
     ray.init(
+        # "local": always a new instance of our own. Without an address Ray joins the last
+        # cluster `ray start` (or a test cluster) advertised on this machine, and then
+        # refuses num_cpus; joining a cluster is RAY_ADDRESS's job.
+        address="local",
         num_cpus=cfg.num_cpus or os.cpu_count(),
         include_dashboard=False,
         object_store_memory=cfg.object_store_memory_mb * 2**20,

@@ -85,7 +85,7 @@ def ray_local():
 
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     use_loopback()  # as the product's own local instance: 127.0.0.1 only
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=100 * 2**20)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=100 * 2**20)
     yield
     ray.shutdown()
 

@@ -254,6 +254,6 @@ if __name__ == "__main__":
     from components.runtime import use_loopback
 
     use_loopback()
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=100 * 2**20)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=100 * 2**20)
     result = run_chain(Path(sys.argv[1]), tuple(sys.argv[2:]) or PHASES)
     print(json.dumps(result))
