@@ -52,6 +52,11 @@ class RuntimeConfig(_Section):
     train_cpus: PositiveInt | None = Field(
         None, description="CPUs one training run takes (null = all the cluster's)."
     )
+    max_failures: Annotated[int, Field(ge=-1)] = Field(
+        0,
+        description="Restarts of a training phase's workers after a failure (a lost node), "
+        "each from the last checkpoint; -1 = unlimited.",
+    )
 
 
 class GapConfig(_Section):

@@ -24,6 +24,15 @@ def ray_address(cfg: RuntimeConfig) -> str | None:
     return os.environ.get("RAY_ADDRESS") or cfg.ray_address
 
 
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def _host(address: str) -> str:
+    """``ray://head:10001`` / ``head:6379`` / ``[::1]:6379`` -> the host part."""
+    hostport = address.split("://", 1)[-1]
+    return hostport.rsplit(":", 1)[0].strip("[]") if ":" in hostport else hostport
+
+
 #: Loggers of Ray internals quieted in every worker process (see :func:`quiet_worker_logs`).
 QUIET_LOGGERS = (
     # Ray Train's placement-group cleaner polls the State API, which a local instance started
@@ -87,8 +96,12 @@ def init_ray(cfg: RuntimeConfig) -> None:
     hook = f"{__name__}.{quiet_worker_logs.__name__}"
     address = ray_address(cfg)
     if address:
-        pkg = str(Path(components.__file__).parent)
-        runtime_env = {"py_modules": [pkg], "worker_process_setup_hook": hook}
+        # the stages' set-up functions live in pipelines/, the rest in components/
+        here = Path(components.__file__).parent
+        pkgs = [str(here), str(here.parent / "pipelines")]
+        runtime_env = {"py_modules": pkgs, "worker_process_setup_hook": hook}
+        if _host(address) in LOOPBACK:
+            use_loopback()  # a cluster on loopback (tests, one machine) is joined from loopback
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
         log.info("joined Ray cluster at %s", address)
         return
@@ -116,13 +129,20 @@ def resolve_use_gpu(flag) -> bool:
     return bool(flag)
 
 
+def node_cpus() -> int:
+    """CPUs of the largest live node: what one task or one training worker can get (neither
+    spans nodes; asking for more than any node has waits forever)."""
+    sizes = [n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")]
+    return max(1, int(max(sizes, default=1)))
+
+
 def cpus_per_worker(num_workers: int, budget: int | None = None) -> int:
     """Split the cluster's CPUs (at most ``budget`` of them: ``runtime.train_cpus``) evenly
-    across training workers (at least one each)."""
+    across training workers (at least one each, at most a node's)."""
     total = int(ray.cluster_resources().get("CPU", 1))
     if budget:
         total = min(total, budget)
-    return max(1, total // num_workers)
+    return max(1, min(total // num_workers, node_cpus()))
 
 
 def storage_path(cfg: RuntimeConfig, root: Path) -> str:

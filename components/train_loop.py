@@ -9,7 +9,12 @@ the large arrays). Nothing is re-validated on the worker side.
 Resume: the run is named after a hash of its inputs, so re-running an interrupted stage finds
 the run's state in ``runtime.storage_path``; Ray Train hands the last checkpoint to the new
 workers (``ray.train.get_checkpoint()``) and training continues after the last finished epoch.
-Batch order is seeded by (seed, rank, epoch), so a resumed run sees the same batches.
+Batch order is seeded by (seed, rank, epoch), so a resumed run sees the same batches. The same
+holds when Ray Train itself restarts the workers (a lost node, ``runtime.max_failures``).
+
+Every start of the workers (the first, a restart after a failure, a resume after a killed
+driver) is an *attempt*, kept in the checkpoint with the epoch it started after and the Ray
+node of every rank; the stage's MLflow run gets them as tags (:func:`tag_run`).
 """
 
 from __future__ import annotations
@@ -25,7 +30,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from ray.train import Checkpoint, CheckpointConfig, LoggingConfig, RunConfig, ScalingConfig
+from ray.train import (
+    Checkpoint,
+    CheckpointConfig,
+    FailureConfig,
+    LoggingConfig,
+    RunConfig,
+    ScalingConfig,
+)
 from ray.train.torch import TorchTrainer
 
 from components.config import Params, TrainConfig
@@ -140,6 +152,20 @@ def worker_loop(config: dict) -> None:
     run_phase(config["spec"], rank, ray.train.get_checkpoint, ray.train.report, Checkpoint)
 
 
+def placement(world: int) -> list[str]:
+    """The Ray node id of every rank's process, in rank order (all ranks must call it)."""
+    import ray
+
+    me = ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
+    if world == 1:
+        return [me]
+    import torch.distributed as dist
+
+    nodes: list = [None] * world
+    dist.all_gather_object(nodes, me)
+    return nodes
+
+
 def run_phase(spec: PhaseSpec, rank: int, get_checkpoint, report, checkpoint_cls) -> None:
     """Resume from ``get_checkpoint()``, then train; ``report(row, checkpoint=...)`` per epoch.
 
@@ -152,7 +178,7 @@ def run_phase(spec: PhaseSpec, rank: int, get_checkpoint, report, checkpoint_cls
     torch.manual_seed(spec.seed)  # identical initial weights on every rank
     phase: Phase = spec.setup(spec)
     name = spec.phase
-    start, history = 0, []
+    start, history, attempts = 0, [], []
     checkpoint = get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as d:
@@ -163,9 +189,11 @@ def run_phase(spec: PhaseSpec, rank: int, get_checkpoint, report, checkpoint_cls
             opt.load_state_dict(state["optimizers"][key])
         phase.extra_state.update(state.get("extra", {}))
         start, history = state["epoch"], state["history"]
+        attempts = state.get("attempts", [])
         if rank == 0:
             print(f"[{name}] resuming after epoch {start}/{phase.epochs}", flush=True)
 
+    attempts = [*attempts, {"after_epoch": start, "nodes": placement(worker_info(spec)[1])}]
     for epoch in range(start, phase.epochs):
         desc = f"{name} epoch {epoch + 1}/{phase.epochs}"
         # a live bar on a terminal; one line per epoch in logs (DVC, CI) that cannot redraw
@@ -194,6 +222,7 @@ def run_phase(spec: PhaseSpec, rank: int, get_checkpoint, report, checkpoint_cls
                         "extra": phase.extra_state,
                         "epoch": epoch + 1,
                         "history": history,
+                        "attempts": attempts,
                     },
                     Path(d) / "state.pt",
                 )
@@ -236,6 +265,7 @@ def fit(
             name=name,
             storage_path=storage,
             checkpoint_config=CheckpointConfig(num_to_keep=2),
+            failure_config=FailureConfig(max_failures=params.runtime.max_failures),
             logging_config=LoggingConfig(log_level=train_log_level()),
         ),
     )
@@ -243,7 +273,32 @@ def fit(
     with result.checkpoint.as_directory() as d:
         state = torch.load(Path(d) / "state.pt", map_location="cpu", weights_only=True)
     state["_storage"] = f"{storage.rstrip('/')}/{name}"
+    tag_run(state)
     return state
+
+
+def tag_run(state: dict) -> None:
+    """Where the phase trained, on the stage's MLflow run (when one is active):
+    ``adaseg.train_nodes`` (the Ray node ids its workers ran on), ``adaseg.train_restarts``
+    (attempts after the first: restarts after a failure and resumes after a killed driver),
+    ``adaseg.train_attempts`` (JSON: per attempt, the epoch it started after and each rank's
+    node) and ``adaseg.ray_storage`` (the run's checkpoint folder or URI)."""
+    import json
+
+    import mlflow
+
+    if mlflow.active_run() is None:
+        return
+    attempts = state.get("attempts", [])
+    nodes = sorted({n for a in attempts for n in a["nodes"]})
+    mlflow.set_tags(
+        {
+            "adaseg.train_nodes": ",".join(nodes),
+            "adaseg.train_restarts": max(len(attempts) - 1, 0),
+            "adaseg.train_attempts": json.dumps(attempts),
+            "adaseg.ray_storage": state["_storage"],
+        }
+    )
 
 
 def standalone(spec: PhaseSpec, threads: int, use_gpu: bool = False) -> PhaseSpec:

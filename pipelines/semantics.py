@@ -24,7 +24,7 @@ from components.data.dataset import SplitArrays, load_split
 from components.data.vocab import Vocab
 from components.io import atomic_path, write_json
 from components.models.network import load_trained
-from components.runtime import init_ray
+from components.runtime import init_ray, node_cpus
 from components.tracking import stage_run
 from pipelines.common import repo_root
 
@@ -44,7 +44,8 @@ def run(params: Params, data_dir: Path, model_dir: Path, out: Path) -> dict:
     target = load_split(data_dir, "target", "train", vocab, mcfg.max_words, mcfg.num_superpixels)
     model, _ = load_trained(model_dir)
     init_ray(params.runtime)
-    cpus = max(1, int(ray.available_resources().get("CPU", 1)))
+    # the free CPUs, as many as one node has: a task does not span nodes
+    cpus = max(1, min(int(ray.available_resources().get("CPU", 1)), node_cpus()))
     res, diag = ray.get(
         _semantics_task.options(num_cpus=cpus).remote(model, source, target, params)
     )

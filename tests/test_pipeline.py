@@ -140,6 +140,13 @@ def test_one_mlflow_run_per_stage_grouped_and_tied_to_git(repo):
     assert {"curves.png", "model"} <= artifacts
     ev = runs[runs["tags.adaseg.stage"] == "evaluate"].iloc[0]
     assert "overlays" in {a.path for a in client.list_artifacts(ev["run_id"])}
+    # every training stage says where it trained: its local node, one attempt, its storage
+    trained = runs[runs["tags.adaseg.stage"].isin(["pretrain", "oracle", "init", "masks", "adapt"])]
+    assert len(trained) == 5
+    assert trained["tags.adaseg.train_nodes"].str.fullmatch(r"[0-9a-f]{56}").all()
+    assert (trained["tags.adaseg.train_restarts"] == "0").all()
+    storage = str(repo / ".adaseg/ray_results")
+    assert trained["tags.adaseg.ray_storage"].str.startswith(storage).all()
 
 
 def test_sda_stage_outputs(repo):
