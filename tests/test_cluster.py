@@ -1,0 +1,227 @@
+"""The scale-out path on one machine: a real multi-node Ray cluster (a head without CPUs and two
+worker nodes, every node on 127.0.0.1, token authentication on), joined by the stages through
+``RAY_ADDRESS`` as a user's cluster would be.
+
+* ``dvc repro -f`` of the tiny pipeline on the cluster: training ran on the worker nodes (their
+  ids on each training stage's MLflow run), every output is back in the repository, DVC sees it
+  up to date, and the metrics equal the local run's.
+* a worker node lost mid-phase: Ray Train restarts the workers on the other node from the last
+  checkpoint (``runtime.max_failures``), the stage finishes, every epoch is recorded once, and
+  the model equals an uninterrupted run's.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import psutil
+import pytest
+import torch
+import yaml
+
+from tests.conftest import ROOT, repo_env, run_in
+
+pytestmark = [pytest.mark.slow, pytest.mark.cluster]
+
+#: CPUs of each worker node: one training run (runtime.train_cpus = 2, the local run's
+#: threads) fits on either, so a lost node's work has somewhere to go.
+NODE_CPUS = 2
+
+
+class OneMachineCluster:
+    """A head (no CPUs: it only coordinates) and worker nodes, all on loopback, run by
+    ``tests/cluster_harness.py`` in a process of its own."""
+
+    def __init__(self, base: Path):
+        self.env = {
+            "RAY_AUTH_MODE": "token",
+            "RAY_AUTH_TOKEN": secrets.token_hex(32),
+            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # the driver joins from 127.0.0.1
+        }
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "tests.cluster_harness", "--temp-dir", str(base / "ray")]
+            + ["--workers", "2", "--cpus", str(NODE_CPUS)],
+            cwd=ROOT,
+            env={**repo_env(ROOT), **self.env},
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        first = self._answer()
+        self.address, self.head = first["address"], first["head"]
+
+    def _answer(self) -> dict:
+        line = self.proc.stdout.readline()
+        assert line, f"the cluster harness exited ({self.proc.poll()})"
+        answer = json.loads(line)
+        self.workers: list[str] = answer["workers"]
+        return answer
+
+    def _command(self, cmd: str) -> None:
+        self.proc.stdin.write(cmd + "\n")
+        self.proc.stdin.flush()
+        self._answer()
+
+    def kill(self, node_id: str) -> None:
+        """Take the worker node ``node_id`` away at once: raylet, object store, workers."""
+        self._command(f"kill {node_id}")
+
+    def add_worker(self) -> None:
+        self._command("add")
+
+    def stage_env(self, repo: Path) -> dict:
+        return {**repo_env(repo), **self.env, "RAY_ADDRESS": self.address}
+
+    def pids(self) -> set[int]:
+        return {p.pid for p in psutil.Process(self.proc.pid).children(recursive=True)}
+
+    def shutdown(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(timeout=120)
+        current = Path("/tmp/ray/ray_current_cluster")  # Ray advertises the cluster there
+        if current.is_file() and current.read_text().strip() == self.address:
+            current.unlink()
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    c = OneMachineCluster(tmp_path_factory.mktemp("cluster"))
+    yield c
+    c.shutdown()
+
+
+def _run(repo: Path, env: dict, *cmd: str, timeout=1200) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{cmd} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc
+
+
+def _copy(repo: Path, dst: Path) -> Path:
+    shutil.copytree(repo, dst, ignore=shutil.ignore_patterns(".adaseg", "mlruns.db"))
+    run_in(dst, "dvc", "repro")  # in step with its own dvc.lock, whatever ran before
+    return dst
+
+
+def _set_runtime(repo: Path, **values) -> None:
+    """``runtime`` is no DVC dependency: where the work runs never changes a result."""
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["runtime"].update(values)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def _metrics(repo: Path) -> dict:
+    shown = json.loads(run_in(repo, "dvc", "metrics", "show", "--json").stdout)[""]["data"]
+    return {path: v["data"] for path, v in shown.items() if "data" in v}
+
+
+def _runs(repo: Path) -> pd.DataFrame:
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlruns.db'}")
+    return mlflow.search_runs(experiment_names=["adaseg"])
+
+
+def test_nodes_listen_on_loopback_only(cluster):
+    addrs = {
+        c.laddr.ip
+        for c in psutil.net_connections("inet")
+        if c.status == "LISTEN" and c.pid in cluster.pids()
+    }
+    assert addrs, "no listening socket found"
+    assert all(a.startswith(("127.", "::ffff:127.", "::1")) for a in addrs), addrs
+
+
+def test_repro_on_the_cluster_equals_the_local_run(cluster, repo, tmp_path):
+    work = _copy(repo, tmp_path / "work")
+    local = _metrics(work)
+    storage = tmp_path / "shared/ray_results"
+    _set_runtime(work, storage_path=str(storage), train_cpus=NODE_CPUS)
+    out = _run(work, cluster.stage_env(work), "dvc", "repro", "-f").stdout
+    assert "Running stage 'adapt'" in out
+    assert "up to date" in run_in(work, "dvc", "status", "dvc.yaml").stdout  # the default DAG
+    assert (work / "models/sda/model.pt").is_file()  # outputs land next to dvc.yaml
+    assert _metrics(work) == local
+
+    runs = _runs(work)
+    trained = runs[runs["tags.adaseg.stage"].isin(["pretrain", "oracle", "init", "masks", "adapt"])]
+    assert len(trained) == 5 and (trained["status"] == "FINISHED").all()
+    workers, head = set(cluster.workers), cluster.head
+    for _, run in trained.iterrows():
+        nodes = set(run["tags.adaseg.train_nodes"].split(","))
+        assert nodes and nodes <= workers and head not in nodes, run["tags.adaseg.stage"]
+        assert run["tags.adaseg.ray_storage"].startswith(str(storage))
+        assert run["tags.adaseg.train_restarts"] == "0"
+
+
+def _pretrain(out: str, epochs: int) -> list[str]:
+    return [
+        *("adaseg", "-S", f"pretrain.epochs={epochs}", "pretrain", "--data", "data/prepared"),
+        *("--out", f"{out}/model", "--metrics", f"{out}/m.json", "--plots", f"{out}/p.csv"),
+    ]
+
+
+def test_a_lost_worker_node_costs_a_restart_not_the_stage(cluster, repo, tmp_path):
+    work = _copy(repo, tmp_path / "work")
+    storage = tmp_path / "shared/ray_results"
+    _set_runtime(work, storage_path=str(storage), train_cpus=NODE_CPUS, max_failures=2)
+    epochs = 6
+    env = cluster.stage_env(work)
+    proc = subprocess.Popen(
+        _pretrain("lost", epochs),
+        cwd=work,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+
+    def first_checkpoint() -> Path | None:
+        # registered in Ray Train's snapshot, so a restart will be handed it
+        for snap in storage.glob("pretrain-*/checkpoint_manager_snapshot.json"):
+            if "checkpoint_" in snap.read_text():
+                found = sorted(snap.parent.glob("checkpoint_*/state.pt"))
+                return found[0] if found else None
+        return None
+
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None and first_checkpoint() is None:
+        time.sleep(0.2)
+    ckpt = first_checkpoint()
+    assert ckpt is not None, "no checkpoint in runtime.storage_path"
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    assert state["epoch"] < epochs, "training ended before the node could be taken away"
+    (node,) = set(state["attempts"][0]["nodes"])
+    cluster.kill(node)
+    log = proc.communicate(timeout=900)[0]
+    assert proc.returncode == 0, log[-4000:]
+    cluster.add_worker()  # capacity back for the other tests
+
+    history = pd.read_csv(work / "lost/p.csv")
+    assert history["epoch"].tolist() == list(range(1, epochs + 1))  # every epoch once
+    runs = _runs(work)
+    mine = runs[runs["params.pretrain.epochs"] == str(epochs)]
+    assert len(mine) == 1 and mine.iloc[0]["status"] == "FINISHED"
+    run = mine.iloc[0]
+    assert run["tags.adaseg.train_restarts"] == "1"
+    first, second = json.loads(run["tags.adaseg.train_attempts"])
+    assert first["nodes"] == [node] and second["nodes"] != [node]
+    assert second["after_epoch"] >= 1  # resumed from a checkpoint, not from scratch
+    import mlflow
+
+    client = mlflow.tracking.MlflowClient()
+    assert len(client.get_metric_history(run["run_id"], "val_oiou")) == epochs
+
+    # the restart is exact: the same weights as a run that never lost a node (here, local)
+    _run(work, repo_env(work), *_pretrain("uninterrupted", epochs))
+    lost = torch.load(work / "lost/model/model.pt", map_location="cpu", weights_only=True)
+    ref = torch.load(work / "uninterrupted/model/model.pt", map_location="cpu", weights_only=True)
+    assert lost.keys() == ref.keys()
+    assert all(torch.equal(lost[k], ref[k]) for k in ref)
