@@ -58,6 +58,11 @@ SETTINGS = {
 }
 
 
+def _env() -> dict:
+    """This environment, with this interpreter's scripts (mlflow, adaseg) first on PATH."""
+    return {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -116,7 +121,7 @@ def run_setting(repo: Path, name: str, port: int) -> dict:
     cmd += ["--metrics", str(work / "compare.json")]
     if cores is not None:
         cmd = ["taskset", "-c", cores, *cmd]
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}"}
+    env = {**_env(), "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}"}
     env.pop("RAY_ADDRESS", None)
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True)
@@ -142,7 +147,7 @@ def main() -> None:
     shutil.rmtree(state, ignore_errors=True)
     server = subprocess.Popen(
         ["bash", str(repo / "infra/mlflow/server.sh")],
-        env={**os.environ, "PORT": str(port), "ROOT": str(state)},
+        env={**_env(), "PORT": str(port), "ROOT": str(state)},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
