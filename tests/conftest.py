@@ -146,6 +146,22 @@ def repo(tmp_path_factory) -> Path:
     return dst
 
 
+def mlflow_runs(repo: Path):
+    """Every run of a test repository's MLflow store (its ``mlruns.db``), as a DataFrame."""
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlruns.db'}")
+    return mlflow.search_runs(experiment_names=["adaseg"])
+
+
+def dvc_metrics(repo: Path) -> dict:
+    """``dvc metrics show`` of the repository: {metrics file: its values}."""
+    import json
+
+    shown = json.loads(run_in(repo, "dvc", "metrics", "show", "--json").stdout)[""]["data"]
+    return {path: v["data"] for path, v in shown.items() if "data" in v}
+
+
 def repro_log(repo: Path) -> Path:
     """What the ``repo`` fixture's ``dvc repro`` printed (kept outside the repository)."""
     return repo.with_name(repo.name + ".repro.log")

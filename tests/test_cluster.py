@@ -26,7 +26,7 @@ import pytest
 import torch
 import yaml
 
-from tests.conftest import ROOT, repo_env, run_in
+from tests.conftest import ROOT, dvc_metrics, mlflow_runs, repo_env, run_in
 
 pytestmark = [pytest.mark.slow, pytest.mark.cluster]
 
@@ -116,18 +116,6 @@ def _set_runtime(repo: Path, **values) -> None:
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
-def _metrics(repo: Path) -> dict:
-    shown = json.loads(run_in(repo, "dvc", "metrics", "show", "--json").stdout)[""]["data"]
-    return {path: v["data"] for path, v in shown.items() if "data" in v}
-
-
-def _runs(repo: Path) -> pd.DataFrame:
-    import mlflow
-
-    mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlruns.db'}")
-    return mlflow.search_runs(experiment_names=["adaseg"])
-
-
 def test_nodes_listen_on_loopback_only(cluster):
     addrs = {
         c.laddr.ip
@@ -140,16 +128,16 @@ def test_nodes_listen_on_loopback_only(cluster):
 
 def test_repro_on_the_cluster_equals_the_local_run(cluster, repo, tmp_path):
     work = _copy(repo, tmp_path / "work")
-    local = _metrics(work)
+    local = dvc_metrics(work)
     storage = tmp_path / "shared/ray_results"
     _set_runtime(work, storage_path=str(storage), train_cpus=NODE_CPUS)
     out = _run(work, cluster.stage_env(work), "dvc", "repro", "-f").stdout
     assert "Running stage 'adapt'" in out
     assert "up to date" in run_in(work, "dvc", "status", "dvc.yaml").stdout  # the default DAG
     assert (work / "models/sda/model.pt").is_file()  # outputs land next to dvc.yaml
-    assert _metrics(work) == local
+    assert dvc_metrics(work) == local
 
-    runs = _runs(work)
+    runs = mlflow_runs(work)
     trained = runs[runs["tags.adaseg.stage"].isin(["pretrain", "oracle", "init", "masks", "adapt"])]
     assert len(trained) == 5 and (trained["status"] == "FINISHED").all()
     workers, head = set(cluster.workers), cluster.head
@@ -206,7 +194,7 @@ def test_a_lost_worker_node_costs_a_restart_not_the_stage(cluster, repo, tmp_pat
 
     history = pd.read_csv(work / "lost/p.csv")
     assert history["epoch"].tolist() == list(range(1, epochs + 1))  # every epoch once
-    runs = _runs(work)
+    runs = mlflow_runs(work)
     mine = runs[runs["params.pretrain.epochs"] == str(epochs)]
     assert len(mine) == 1 and mine.iloc[0]["status"] == "FINISHED"
     run = mine.iloc[0]

@@ -12,7 +12,6 @@ import re
 import shutil
 import subprocess
 import time
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -20,7 +19,14 @@ import pytest
 
 from components.data.schema import decode_rle
 from components.metrics import referring_metrics
-from tests.conftest import TINY_OVERRIDES, kill_group, repro_log, start_killable
+from tests.conftest import (
+    TINY_OVERRIDES,
+    dvc_metrics,
+    kill_group,
+    mlflow_runs,
+    repro_log,
+    start_killable,
+)
 from tests.conftest import run_in as _run
 
 pytestmark = pytest.mark.slow
@@ -109,17 +115,10 @@ def test_a_normal_repro_prints_one_line_per_epoch(repo):
             assert log.count(f"{phase} epoch {epoch}/{n}:") == 1, (phase, epoch)
 
 
-def _mlflow_runs(repo: Path) -> pd.DataFrame:
-    import mlflow
-
-    mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlruns.db'}")
-    return mlflow.search_runs(experiment_names=["adaseg"])
-
-
 def test_one_mlflow_run_per_stage_grouped_and_tied_to_git(repo):
     # The shared repository also hosts other tests' invocations (the comparison, `dvc exp
     # run`): the fixture's `dvc repro` is the pipeline of the oldest run.
-    runs = _mlflow_runs(repo).sort_values("start_time")
+    runs = mlflow_runs(repo).sort_values("start_time")
     first = runs["tags.adaseg.pipeline_id"].iloc[0]
     runs = runs[runs["tags.adaseg.pipeline_id"] == first]
     # every stage of that one invocation shares its pipeline id, each exactly once
@@ -167,10 +166,10 @@ def test_sda_stage_outputs(repo):
 
 
 def test_second_repro_does_nothing(repo):
-    before = len(_mlflow_runs(repo))
+    before = len(mlflow_runs(repo))
     out = _run(repo, "dvc", "repro").stdout
     assert "Running stage" not in out
-    assert len(_mlflow_runs(repo)) == before
+    assert len(mlflow_runs(repo)) == before
 
 
 def test_dvc_exp_run_with_override(repo):
@@ -182,7 +181,7 @@ def test_dvc_exp_run_with_override(repo):
     # per stage DVC ran (`report` only when evaluate's metrics changed on this tiny data)
     ran = set(re.findall(r"Running stage '([\w-]+)'", out))
     assert {"adapt", "evaluate"} <= ran
-    runs = _mlflow_runs(repo)
+    runs = mlflow_runs(repo)
     mine = runs[runs["tags.adaseg.dvc_exp"] == "no-mi"]
     assert sorted(mine["tags.adaseg.stage"]) == sorted(ran)
     assert (mine["params.adapt.sda.lambda2"].dropna() == "0.0").all()
@@ -227,7 +226,7 @@ def test_killed_training_stage_resumes(repo):
     kill_group(proc)
     assert not (repo / "resume/model").exists()  # nothing half-written
 
-    runs = _mlflow_runs(repo)
+    runs = mlflow_runs(repo)
     mine = (runs["tags.adaseg.stage"] == "pretrain") & (runs["params.pretrain.epochs"] == "4")
     killed = runs[mine & (runs["status"] == "RUNNING")]
     assert len(killed) == 1  # the killed stage's run, left open
@@ -239,7 +238,7 @@ def test_killed_training_stage_resumes(repo):
     assert not list(storage.glob("pretrain-*"))  # resume state removed once materialised
     # the re-run continued the killed run: one run for both attempts, finished, no doubles
     key = killed["tags.adaseg.resume_key"].iloc[0]
-    runs = _mlflow_runs(repo)
+    runs = mlflow_runs(repo)
     mine = runs[runs["tags.adaseg.resume_key"] == key]
     assert mine["run_id"].tolist() == killed["run_id"].tolist()
     assert mine["status"].tolist() == ["FINISHED"]
@@ -316,11 +315,7 @@ def test_dvc_remote_round_trip(repo, tmp_path):
     out = _run(clone, "dvc", "repro").stdout
     assert "Running stage" not in out and "up to date" in out
 
-    def metrics(r: Path) -> dict:
-        shown = json.loads(_run(r, "dvc", "metrics", "show", "--json").stdout)[""]["data"]
-        return {path: v["data"] for path, v in shown.items() if "data" in v}
-
     # the default pipeline's metrics (the on-demand pipelines' are not cached, so not pushed)
-    mine, pulled = metrics(work), metrics(clone)
+    mine, pulled = dvc_metrics(work), dvc_metrics(clone)
     assert "metrics/eval.json" in pulled
     assert {k: mine[k] for k in pulled} == pulled
