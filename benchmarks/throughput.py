@@ -83,6 +83,7 @@ def main() -> None:
 
     import ray
 
+    from components import train_loop
     from components.runtime import init_ray
     from pipelines import train as train_stage
 
@@ -96,9 +97,10 @@ def main() -> None:
         bare_epoch += per_epoch
         with tempfile.TemporaryDirectory() as d:
             t0 = time.perf_counter()
-            history = train_stage.run(params, "pretrain", data, Path(d) / "model")
+            state = train_stage.run(params, "pretrain", data, Path(d) / "model")
             ray_s.append(time.perf_counter() - t0)
-            ray_epoch += [row["samples_per_s"] for row in history]
+            train_loop.finish(state)  # a fresh run each repeat, not a resume
+            ray_epoch += [row["samples_per_s"] for row in state["history"]]
     ray.shutdown()
     bare_sps = [n / s for s in bare_s]
     ray_sps = [n / s for s in ray_s]

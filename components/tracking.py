@@ -121,6 +121,54 @@ def _unfinished_run(exp_id: str, stage: str, key: str, value: str, statuses: str
     return found[0] if found else None
 
 
+class TrackingUnavailable(RuntimeError):
+    """The MLflow tracking server stayed unreachable through MLflow's own retries."""
+
+
+def _unreachable(exc: BaseException) -> bool:
+    """``exc`` (or what caused it) is a failed connection to an MLflow server."""
+    import requests
+
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, requests.exceptions.ConnectionError | requests.exceptions.Timeout):
+            return True
+        text = str(exc)
+        if "API request to" in text and ("Max retries exceeded" in text or "Connection" in text):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def _end_run_quietly(status: str) -> None:
+    """End the active run with one attempt, no retries: the server may be gone."""
+    saved = os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES")
+    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
+    try:
+        with contextlib.suppress(Exception):
+            mlflow.end_run(status)  # pops the run first, so nothing is retried at exit
+    finally:
+        if saved is None:
+            os.environ.pop("MLFLOW_HTTP_REQUEST_MAX_RETRIES")
+        else:
+            os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = saved
+
+
+def _unavailable(stage: str, uri: str, exc: BaseException) -> TrackingUnavailable:
+    from mlflow.environment_variables import MLFLOW_HTTP_REQUEST_MAX_RETRIES
+
+    cause = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+    return TrackingUnavailable(
+        f"{stage}: the MLflow tracking server {uri} is unreachable (still after "
+        f"MLFLOW_HTTP_REQUEST_MAX_RETRIES={MLFLOW_HTTP_REQUEST_MAX_RETRIES.get()} retries with "
+        f"backoff): {cause}. Outputs the stage already wrote are kept, and so is its training "
+        "checkpoint: start the server again (infra/mlflow/server.sh) or point "
+        "MLFLOW_TRACKING_URI / runtime.mlflow_tracking_uri at one that runs, then re-run; a "
+        "training stage resumes from its checkpoint and its MLflow run is continued."
+    )
+
+
 @contextlib.contextmanager
 def stage_run(
     stage: str,
@@ -138,9 +186,40 @@ def stage_run(
     and ``adaseg.attempts``, and ends FINISHED or FAILED as any run. A run that ended (even
     FAILED) is never reopened. ``resume_tag=(key, value)``: continue the unfinished run
     carrying that tag, whatever its status (a resumed sweep keeps its parent run).
+
+    An MLflow server that restarts is ridden out by MLflow's own retries with backoff
+    (``MLFLOW_HTTP_REQUEST_MAX_RETRIES``, default 7: about four minutes). One that stays away
+    ends the stage with :class:`TrackingUnavailable`, which says what is kept and what to do;
+    the run is left unfinished, so the re-run continues it.
     """
-    mlflow.set_tracking_uri(tracking_uri(cfg, root))
-    exp_id = _experiment_id(cfg.mlflow_experiment, root)
+    uri = tracking_uri(cfg, root)
+    try:
+        run = _start(stage, uri, cfg.mlflow_experiment, params, root, name, resume_tag)
+    except Exception as exc:
+        if _unreachable(exc):
+            raise _unavailable(stage, uri, exc) from exc
+        raise
+    try:
+        yield run
+    except BaseException as exc:
+        if _unreachable(exc):
+            _end_run_quietly("FAILED")
+            raise _unavailable(stage, uri, exc) from exc
+        with contextlib.suppress(Exception):  # the stage's own error is the one to see
+            mlflow.end_run("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        raise
+    try:
+        mlflow.end_run("FINISHED")
+    except Exception as exc:
+        if _unreachable(exc):
+            raise _unavailable(stage, uri, exc) from exc
+        raise
+
+
+def _start(stage, uri, experiment, params, root, name, resume_tag) -> mlflow.ActiveRun:
+    """The stage's run: the unfinished one of the same invocation, continued, or a new one."""
+    mlflow.set_tracking_uri(uri)
+    exp_id = _experiment_id(experiment, root)
     flat = flatten(params)
     if resume_tag:
         found = _unfinished_run(exp_id, stage, *resume_tag, "!= 'FINISHED'")
@@ -149,10 +228,9 @@ def stage_run(
         found = _unfinished_run(exp_id, stage, *resume_tag, "= 'RUNNING'")
     if found:
         attempts = int(found.data.tags.get("adaseg.attempts", "1")) + 1
-        with mlflow.start_run(run_id=found.info.run_id) as run:
-            mlflow.set_tags({"adaseg.pipeline_id": pipeline_id(), "adaseg.attempts": attempts})
-            yield run
-        return
+        run = mlflow.start_run(run_id=found.info.run_id)
+        mlflow.set_tags({"adaseg.pipeline_id": pipeline_id(), "adaseg.attempts": attempts})
+        return run
     commit, dirty = git_state(root)
     tags = {
         "adaseg.stage": stage,
@@ -166,16 +244,29 @@ def stage_run(
         **dvc_experiment_tags(),
         **extra_tags(),
     }
-    with mlflow.start_run(experiment_id=exp_id, run_name=name or stage, tags=tags) as run:
-        mlflow.log_params(flat)
-        yield run
+    run = mlflow.start_run(experiment_id=exp_id, run_name=name or stage, tags=tags)
+    mlflow.log_params(flat)
+    return run
 
 
 def log_history(history: list[dict[str, float]]) -> None:
-    """Per-epoch metrics, epoch as the step."""
-    for row in history:
-        step = int(row["epoch"])
-        mlflow.log_metrics({k: float(v) for k, v in row.items() if k != "epoch"}, step=step)
+    """Per-epoch metrics, epoch as the step, in as few requests as MLflow allows (1000 values
+    each): a server lost half-way leaves no half-logged epochs to duplicate on the re-run."""
+    import time
+
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    values = [
+        Metric(k, float(v), now, int(row["epoch"]))
+        for row in history
+        for k, v in row.items()
+        if k != "epoch"
+    ]
+    run_id = mlflow.active_run().info.run_id
+    client = mlflow.MlflowClient()
+    for i in range(0, len(values), 1000):
+        client.log_batch(run_id, metrics=values[i : i + 1000])
 
 
 def upstream_hashes(root: Path, stages=("prepare", "pretrain", "semantics", "init", "masks")):
@@ -195,24 +286,35 @@ def upstream_hashes(root: Path, stages=("prepare", "pretrain", "semantics", "ini
     return tags
 
 
-def log_stage(phase: str, history: list[dict], metrics: str, plots: str, out: str, title: str):
-    """Shared tail of every training stage: DVC metrics / plots and MLflow artefacts."""
+def log_stage(
+    phase: str, state: dict, metrics: str, plots: str, out: str, title: str
+) -> list[dict]:
+    """Shared tail of every training stage, once its model is written to ``out``: the DVC
+    metrics and plots first, then MLflow (where it trained, per-epoch metrics, curves, the
+    model), and only then the training checkpoint is dropped. So a tracking server lost at the
+    end costs no output, and the re-run resumes from the final checkpoint instead of training
+    again. Returns the per-epoch history."""
     import tempfile
 
+    from components import train_loop
     from components.io import atomic_path, write_json
     from components.plots import training_curves
     from components.stage_io import write_history
 
-    log_history(history)
+    history = state["history"]
     final = history[-1]
     skip = ("lr", "samples_per_s", "seconds")
     write_json(metrics, {k: v for k, v in final.items() if k not in skip})
     with atomic_path(plots) as tmp:
         write_history(history, tmp)
+    train_loop.tag_run(state)
+    log_history(history)
     with tempfile.TemporaryDirectory() as d:
         training_curves(history, Path(d) / "curves.png", title)
         mlflow.log_artifact(str(Path(d) / "curves.png"))
     mlflow.log_artifacts(out, artifact_path="model")
+    train_loop.finish(state)
     logging.getLogger("adaseg").info(
         "%s done: %s", phase, {k: round(v, 4) for k, v in final.items()}
     )
+    return history

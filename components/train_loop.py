@@ -14,7 +14,8 @@ holds when Ray Train itself restarts the workers (a lost node, ``runtime.max_fai
 
 Every start of the workers (the first, a restart after a failure, a resume after a killed
 driver) is an *attempt*, kept in the checkpoint with the epoch it started after and the Ray
-node of every rank; the stage's MLflow run gets them as tags (:func:`tag_run`).
+node of every rank; the stage's MLflow run gets them as tags (:func:`tag_run`, called by
+``tracking.log_stage`` once the outputs are written).
 """
 
 from __future__ import annotations
@@ -273,7 +274,6 @@ def fit(
     with result.checkpoint.as_directory() as d:
         state = torch.load(Path(d) / "state.pt", map_location="cpu", weights_only=True)
     state["_storage"] = f"{storage.rstrip('/')}/{name}"
-    tag_run(state)
     return state
 
 
@@ -307,5 +307,6 @@ def standalone(spec: PhaseSpec, threads: int, use_gpu: bool = False) -> PhaseSpe
 
 
 def finish(state: dict) -> None:
-    """Call once the stage's outputs are written: the resume state is no longer needed."""
+    """Call once the stage's outputs are written and tracked (``tracking.log_stage``): the
+    resume state is no longer needed."""
     remove_storage(state["_storage"])

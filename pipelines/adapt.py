@@ -50,7 +50,7 @@ def run(
     semantics: Path | None,
     masks: Path | None,
     out: Path,
-) -> list[dict]:
+) -> dict:
     cfg = params.adapt
     vocab, task, (source, target, val), upstream = load_inputs(params, data_dir, semantics, masks)
     src_val = load_source_val(params, data_dir, task, vocab) if cfg.label_free_metrics else None
@@ -88,8 +88,7 @@ def run(
     with atomic_path(out, is_dir=True) as tmp:
         save_trained(tmp, method.inference_network(), params.model, len(vocab), meta, task)
         write_history(history, tmp / "history.csv")
-    train_loop.finish(state)
-    return history
+    return state  # log_stage records it, then drops the checkpoint
 
 
 @torch.no_grad()
@@ -152,9 +151,9 @@ def main(
     with stage_run("adapt", params.runtime, used, repo_root()):
         mlflow.set_tags(tags)
         sem_dir, masks_dir = (Path(p) if p else None for p in (semantics, masks))
-        history = run(params, Path(data), Path(init), sem_dir, masks_dir, Path(out))
+        state = run(params, Path(data), Path(init), sem_dir, masks_dir, Path(out))
         title = f"adapt ({params.adapt.method}, {params.data.task}, target val per epoch)"
-        log_stage("adapt", history, metrics, plots, out, title)
+        log_stage("adapt", state, metrics, plots, out, title)
         if figures_dir and params.adapt.method != "sda":
             with atomic_path(figures_dir, is_dir=True):
                 pass  # the figures are SDA's (Figs. 7 and 9); the output stays a folder

@@ -199,6 +199,13 @@ def main(argv: list[str] | None = None) -> int:
     except (ParamsError, DataError) as err:
         print(f"adaseg {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except Exception as err:
+        # a tracking server that stayed away: the message says what is kept and what to do
+        tracking = sys.modules.get("components.tracking")
+        if tracking is None or not isinstance(err, tracking.TrackingUnavailable):
+            raise
+        print(f"adaseg {args.command}: error: {err}", file=sys.stderr)
+        return 3
     except FileNotFoundError as err:
         given = [str(v) for dest in _dests(args.command) for v in _paths(getattr(args, dest))]
         if not any(str(err.filename or "").startswith(g) for g in given):

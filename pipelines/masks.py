@@ -147,14 +147,15 @@ def run(
     with atomic_path(out, is_dir=True) as tmp:
         table.to_parquet(tmp / "semantic_masks.parquet", index=False)
         torch.save(model.state_dict(), tmp / "classifier.pt")
-    train_loop.finish(state)
-    return diag, state["history"]
+    return diag, state
 
 
 def main(params: Params, data: str, base: str, semantics: str, out: str, metrics: str) -> None:
     used = {"seed": params.seed, "masks": params.masks.model_dump(mode="json")}
     with stage_run("masks", params.runtime, used, repo_root()):
-        diag, history = run(params, Path(data), Path(base), Path(semantics), Path(out))
-        log_history(history)
-        write_json(metrics, diag)
+        diag, state = run(params, Path(data), Path(base), Path(semantics), Path(out))
+        write_json(metrics, diag)  # DVC outputs first, then MLflow, then drop the checkpoint
+        train_loop.tag_run(state)
+        log_history(state["history"])
         mlflow.log_metrics({k: float(v) for k, v in diag.items()})
+        train_loop.finish(state)

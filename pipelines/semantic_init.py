@@ -109,7 +109,7 @@ def setup_init(spec: train_loop.PhaseSpec) -> train_loop.Phase:
     )
 
 
-def run(params: Params, data_dir: Path, base: Path, semantics: Path, out: Path) -> list[dict]:
+def run(params: Params, data_dir: Path, base: Path, semantics: Path, out: Path) -> dict:
     mcfg, tcfg = params.model, params.init
     task = task_of(params, data_dir)
     vocab = Vocab.load(data_dir / "vocab.json")
@@ -135,8 +135,7 @@ def run(params: Params, data_dir: Path, base: Path, semantics: Path, out: Path) 
     with atomic_path(out, is_dir=True) as tmp:
         save_trained(tmp, model, mcfg, len(vocab), {"phase": "init", "seed": params.seed}, task)
         write_history(history, tmp / "history.csv")
-    train_loop.finish(state)
-    return history
+    return state  # log_stage records it, then drops the checkpoint
 
 
 def main(
@@ -148,5 +147,5 @@ def main(
         "init": params.init.model_dump(mode="json"),
     }
     with stage_run("init", params.runtime, used, repo_root()):
-        history = run(params, Path(data), Path(base), Path(semantics), Path(out))
-        log_stage("init", history, metrics, plots, out, "init (SDA stage 2: L_seg + L_si)")
+        state = run(params, Path(data), Path(base), Path(semantics), Path(out))
+        log_stage("init", state, metrics, plots, out, "init (SDA stage 2: L_seg + L_si)")

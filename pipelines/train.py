@@ -95,10 +95,11 @@ def setup_supervised(spec: train_loop.PhaseSpec) -> train_loop.Phase:
     )
 
 
-def run(params: Params, phase: str, data_dir: Path, out_dir: Path) -> list[dict]:
+def run(params: Params, phase: str, data_dir: Path, out_dir: Path) -> dict:
     """Train ``phase`` on its domain's train split; write the model to ``out_dir`` atomically.
 
-    Returns the per-epoch history (loss, lr, samples_per_s, seconds, val_oiou/miou/map).
+    Returns the final training state (its ``history``: per epoch loss, lr, samples_per_s,
+    seconds, val_oiou/miou/map); ``tracking.log_stage`` records it and drops the checkpoint.
     """
     domain = PHASES[phase]
     tcfg = getattr(params, phase)
@@ -127,8 +128,7 @@ def run(params: Params, phase: str, data_dir: Path, out_dir: Path) -> list[dict]
     with atomic_path(out_dir, is_dir=True) as tmp:
         save_trained(tmp, model, mcfg, len(vocab), meta, task)
         write_history(history, tmp / "history.csv")
-    train_loop.finish(state)
-    return history
+    return state
 
 
 def main(params: Params, phase: str, data: str, out: str, metrics: str, plots: str) -> None:
@@ -138,6 +138,6 @@ def main(params: Params, phase: str, data: str, out: str, metrics: str, plots: s
         phase: getattr(params, phase).model_dump(mode="json"),
     }
     with stage_run(phase, params.runtime, used, repo_root()):
-        history = run(params, phase, Path(data), Path(out))
+        state = run(params, phase, Path(data), Path(out))
         title = f"{phase} ({PHASES[phase]} labels, {params.data.task})"
-        log_stage(phase, history, metrics, plots, out, title)
+        log_stage(phase, state, metrics, plots, out, title)

@@ -19,7 +19,9 @@ applying ``best_params.yaml`` and running ``dvc exp run``, which re-runs everyth
 Tracking. Only this driver writes to MLflow (a Tune callback), so any number of concurrent
 trials share the default SQLite store without "database is locked": one parent run per sweep,
 one child run per trial (found again by its trial id on resume, never duplicated), the best
-trial tagged ``adaseg.best``.
+trial tagged ``adaseg.best``. A child run also carries ``adaseg.trial_nodes`` (the Ray nodes
+its attempts ran on) and, once Tune retried it (a crash, a lost node: ``tune.max_failures``),
+``adaseg.trial_restarts`` and ``adaseg.last_error``.
 
 Resume. The sweep is named after a hash of its inputs and params (or ``tune.name``); if its
 storage exists, ``Tuner.restore`` continues it: finished trials are kept, unfinished ones
@@ -122,8 +124,11 @@ def trial(config: dict, ctx: TrialContext) -> None:
     spec = train_loop.PhaseSpec("adapt", setup_adapt, params, inputs)
     spec = train_loop.standalone(spec, threads, use_gpu=ctx.gpus > 0)
 
+    node = ray.get_runtime_context().get_node_id()
+
     def report(row: dict, checkpoint=None) -> None:
-        tune.report({**row, **extra}, checkpoint=checkpoint)
+        # node_id: where this attempt runs (a trial retried after a lost node moves)
+        tune.report({**row, **extra, "node_id": node}, checkpoint=checkpoint)
 
     train_loop.run_phase(spec, 0, tune.get_checkpoint, report, tune.Checkpoint)
 
@@ -136,6 +141,7 @@ class MlflowTrials(tune.Callback):
         self.uri, self.experiment_id, self.parent, self.sweep = uri, experiment_id, parent, sweep
         self.tags = tags
         self._runs: dict[str, str] = {}
+        self._nodes: dict[str, list[str]] = {}  # trial id -> Ray node ids, in order
         self._client = None
 
     def __getstate__(self):  # Tune pickles callbacks with its experiment state
@@ -200,7 +206,22 @@ class MlflowTrials(tune.Callback):
             for k, v in result.items()
             if _reported(k) and isinstance(v, int | float) and math.isfinite(v)
         ]
-        self.client.log_batch(self.run_id(trial), metrics=metrics)
+        run_id = self.run_id(trial)
+        self.client.log_batch(run_id, metrics=metrics)
+        node = result.get("node_id")
+        if trial.trial_id not in self._nodes:  # a resumed sweep: the nodes tagged before
+            tagged = self.client.get_run(run_id).data.tags.get("adaseg.trial_nodes", "")
+            self._nodes[trial.trial_id] = [n for n in tagged.split(",") if n]
+        seen = self._nodes[trial.trial_id]
+        if node and node not in seen:
+            seen.append(node)
+            self.client.set_tag(run_id, "adaseg.trial_nodes", ",".join(seen))
+
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        # a failed attempt Tune will retry from the trial's last checkpoint (tune.max_failures)
+        run_id = self.run_id(trial)
+        self.client.set_tag(run_id, "adaseg.trial_restarts", trial.num_failures)
+        self.client.set_tag(run_id, "adaseg.last_error", _last_error_line(trial.error_file))
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         # also called for trials stopped before they started: they have no run to close

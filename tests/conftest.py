@@ -154,6 +154,43 @@ def mlflow_runs(repo: Path):
     return mlflow.search_runs(experiment_names=["adaseg"])
 
 
+def sweep_children(repo: Path, sweep_id: str):
+    """The child runs (one per trial) of the sweep named ``<sweep_id>-<hash>``."""
+    runs = mlflow_runs(repo)
+    # sweep ids are "<tune.name>-<hash of inputs and params>"
+    ids = runs["tags.adaseg.sweep_id"].fillna("")
+    parents = runs[(runs["tags.adaseg.stage"] == "tune") & ids.str.startswith(f"{sweep_id}-")]
+    assert len(parents) == 1, "one parent run per sweep"
+    return runs[runs["tags.mlflow.parentRunId"] == parents["run_id"].iloc[0]]
+
+
+def tune_cmd(name: str, out: str, *extra: str) -> list[str]:
+    """``adaseg tune`` on the test repository's upstream outputs, writing under ``out``."""
+    return [
+        "adaseg",
+        "-S",
+        f"tune.name={name}",
+        *extra,
+        "tune",
+        "--data",
+        "data/prepared",
+        "--base",
+        "models/source_only",
+        "--init",
+        "models/init",
+        "--semantics",
+        "semantics",
+        "--masks",
+        "masks",
+        "--out",
+        f"{out}/tune",
+        "--plots",
+        f"{out}/plots",
+        "--metrics",
+        f"{out}/tune.json",
+    ]
+
+
 def dvc_metrics(repo: Path) -> dict:
     """``dvc metrics show`` of the repository: {metrics file: its values}."""
     import json

@@ -8,6 +8,9 @@ worker nodes, every node on 127.0.0.1, token authentication on), joined by the s
 * a worker node lost mid-phase: Ray Train restarts the workers on the other node from the last
   checkpoint (``runtime.max_failures``), the stage finishes, every epoch is recorded once, and
   the model equals an uninterrupted run's.
+* a sweep on the cluster whose trials' node is lost mid-trial: Tune retries them on the other
+  node from their last checkpoints (``tune.max_failures``), the sweep finishes, one MLflow
+  run per trial.
 """
 
 from __future__ import annotations
@@ -26,7 +29,15 @@ import pytest
 import torch
 import yaml
 
-from tests.conftest import ROOT, dvc_metrics, mlflow_runs, repo_env, run_in
+from tests.conftest import (
+    ROOT,
+    dvc_metrics,
+    mlflow_runs,
+    repo_env,
+    run_in,
+    sweep_children,
+    tune_cmd,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.cluster]
 
@@ -213,3 +224,63 @@ def test_a_lost_worker_node_costs_a_restart_not_the_stage(cluster, repo, tmp_pat
     ref = torch.load(work / "uninterrupted/model/model.pt", map_location="cpu", weights_only=True)
     assert lost.keys() == ref.keys()
     assert all(torch.equal(lost[k], ref[k]) for k in ref)
+
+
+def test_a_sweep_survives_losing_the_node_its_trials_run_on(cluster, repo, tmp_path):
+    work = _copy(repo, tmp_path / "work")
+    storage = tmp_path / "shared/ray_results"
+    _set_runtime(work, storage_path=str(storage))
+    epochs = 4
+    cmd = tune_cmd(
+        "lost",
+        "lost",
+        *("-S", f"tune.epochs={epochs}", "-S", "tune.scheduler=fifo", "-S", "tune.max_failures=1"),
+    )
+    proc = subprocess.Popen(
+        cmd,
+        cwd=work,
+        env=cluster.stage_env(work),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+
+    def a_trial_checkpoint() -> dict | None:
+        for path in sorted((storage / "tune").glob("lost-*/*/checkpoint_*/state.pt")):
+            try:
+                return torch.load(path, map_location="cpu", weights_only=True)
+            except (OSError, RuntimeError, EOFError):  # being written
+                continue
+        return None
+
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None and a_trial_checkpoint() is None:
+        time.sleep(0.2)
+    state = a_trial_checkpoint()
+    assert state is not None, "no trial checkpoint in runtime.storage_path"
+    assert state["epoch"] < epochs, "the trial ended before its node could be taken away"
+    (node,) = set(state["attempts"][-1]["nodes"])
+    assert node in cluster.workers
+    cluster.kill(node)
+    log = proc.communicate(timeout=900)[0]
+    assert proc.returncode == 0, log[-4000:]
+    cluster.add_worker()  # capacity back for the other tests
+
+    table = pd.read_parquet(work / "lost/tune/trials.parquet")
+    assert len(table) == 4 and (table.status == "COMPLETED").all()
+    children = sweep_children(work, "lost")
+    assert len(children) == 4 and set(children.status) == {"FINISHED"}
+    moved = children[children["tags.adaseg.trial_nodes"].str.contains(node)]
+    assert len(moved) >= 1  # the trial whose checkpoint named the node, at least
+    assert set(moved["tags.adaseg.trial_restarts"]) == {"1"}
+    import mlflow
+
+    client = mlflow.tracking.MlflowClient()
+    for _, child in children.iterrows():
+        nodes = child["tags.adaseg.trial_nodes"].split(",")
+        assert set(nodes) <= set(cluster.workers) | {node} and cluster.head not in nodes
+        steps = {m.step for m in client.get_metric_history(child.run_id, "val_oiou")}
+        assert steps == set(range(1, epochs + 1))  # resumed, every epoch there
+    for _, child in moved.iterrows():
+        assert len(child["tags.adaseg.trial_nodes"].split(",")) == 2  # retried elsewhere

@@ -11,7 +11,6 @@ from __future__ import annotations
 import sqlite3
 import subprocess
 import time
-from pathlib import Path
 
 import numpy as np
 import optuna
@@ -22,7 +21,15 @@ import yaml
 from components.config import SearchDim, parse_params
 from pipelines import sweep_report, sweep_space
 from pipelines import tune as sweep
-from tests.conftest import TINY_TUNE, kill_group, repo_env, run_in, start_killable
+from tests.conftest import (
+    TINY_TUNE,
+    kill_group,
+    repo_env,
+    run_in,
+    start_killable,
+    sweep_children,
+    tune_cmd,
+)
 
 
 def _params(raw: dict, **tune):
@@ -185,44 +192,6 @@ def test_bad_search_spaces_are_refused_naming_the_entry(tiny_raw, tune, message)
 
 
 # --------------------------------------------------------------------------- slow
-def _children(repo: Path, sweep_id: str) -> pd.DataFrame:
-    import mlflow
-
-    mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlruns.db'}")
-    runs = mlflow.search_runs(experiment_names=["adaseg"])
-    # sweep ids are "<tune.name>-<hash of inputs and params>"
-    ids = runs["tags.adaseg.sweep_id"].fillna("")
-    parents = runs[(runs["tags.adaseg.stage"] == "tune") & ids.str.startswith(f"{sweep_id}-")]
-    assert len(parents) == 1, "one parent run per sweep"
-    return runs[runs["tags.mlflow.parentRunId"] == parents["run_id"].iloc[0]]
-
-
-def _tune_cmd(name: str, out: str, *extra: str) -> list[str]:
-    return [
-        "adaseg",
-        "-S",
-        f"tune.name={name}",
-        *extra,
-        "tune",
-        "--data",
-        "data/prepared",
-        "--base",
-        "models/source_only",
-        "--init",
-        "models/init",
-        "--semantics",
-        "semantics",
-        "--masks",
-        "masks",
-        "--out",
-        f"{out}/tune",
-        "--plots",
-        f"{out}/plots",
-        "--metrics",
-        f"{out}/tune.json",
-    ]
-
-
 @pytest.mark.slow
 def test_dvc_repro_tune_runs_the_sweep_and_tracks_every_trial(repo):
     assert not (repo / "tune").exists()  # the default `dvc repro` does not sweep
@@ -250,7 +219,7 @@ def test_dvc_repro_tune_runs_the_sweep_and_tracks_every_trial(repo):
     for key in ("semantics.tau", "adapt.sda.gamma_max"):
         assert (repo / f"plots/tune/sensitivity_{key}.png").is_file()
 
-    children = _children(repo, "sweep")  # tune.name: null
+    children = sweep_children(repo, "sweep")  # tune.name: null
     assert len(children) == 4 and set(children.status) == {"FINISHED"}
     assert set(children["tags.adaseg.trial_id"]) == set(table.trial_id)
     assert set(children["params.adapt.sda.gamma_max"].astype(float)) == {0.8, 0.9}
@@ -268,7 +237,7 @@ def test_dvc_repro_tune_runs_the_sweep_and_tracks_every_trial(repo):
 @pytest.mark.slow
 def test_crashing_trial_is_retried_then_marked_failed(repo):
     env = {**repo_env(repo), sweep.FAILURE_ENV: "adapt.sda.gamma_max=0.8"}
-    cmd = _tune_cmd("failing", "fail", "-S", "tune.max_failures=1")
+    cmd = tune_cmd("failing", "fail", "-S", "tune.max_failures=1")
     proc = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     table = pd.read_parquet(repo / "fail/tune/trials.parquet")
@@ -278,7 +247,7 @@ def test_crashing_trial_is_retried_then_marked_failed(repo):
     assert yaml.safe_load((repo / "fail/tune/best_params.yaml").read_text())["adapt"] == {
         "sda": {"gamma_max": 0.9}
     }
-    children = _children(repo, "failing")
+    children = sweep_children(repo, "failing")
     bad = children[children["params.adapt.sda.gamma_max"].astype(float) == 0.8]
     assert len(bad) == 2 and set(bad.status) == {"FAILED"}
     assert set(bad["tags.adaseg.failures"]) == {"2"}  # retried once (max_failures), then failed
@@ -289,7 +258,7 @@ def test_crashing_trial_is_retried_then_marked_failed(repo):
 @pytest.mark.slow
 def test_killed_sweep_resumes_without_rerunning_or_duplicating(repo):
     # one trial at a time, so that the kill lands between the first trial and the last
-    cmd = _tune_cmd(
+    cmd = tune_cmd(
         "resumed",
         "resume",
         *("-S", "tune.epochs=6", "-S", "tune.scheduler=fifo", "-S", "tune.max_concurrent=1"),
@@ -326,7 +295,7 @@ def test_killed_sweep_resumes_without_rerunning_or_duplicating(repo):
     assert "resuming sweep resumed-" in out.stdout + out.stderr
     table = pd.read_parquet(repo / "resume/tune/trials.parquet")
     assert len(table) == 4 and (table.status == "COMPLETED").all()
-    children = _children(repo, "resumed")
+    children = sweep_children(repo, "resumed")
     assert sorted(children["tags.adaseg.trial_id"]) == sorted(table.trial_id)  # no duplicates
     assert set(children.status) == {"FINISHED"}
     import mlflow
@@ -347,7 +316,7 @@ def test_bad_search_space_is_refused_before_any_trial(repo):
         ("tune.space.adapt.sda.lambda1={low: 2, high: 1}", "low (2.0) must be < high (1.0)"),
         ("tune.metric=accuracy", "tune.metric"),
     ]:
-        proc = run_in(repo, *_tune_cmd("bad", "bad", "-S", override), check=False)
+        proc = run_in(repo, *tune_cmd("bad", "bad", "-S", override), check=False)
         assert proc.returncode == 2, override
         assert message in proc.stderr, proc.stderr
     assert not (repo / "bad").exists()
