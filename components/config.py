@@ -41,6 +41,11 @@ class RuntimeConfig(_Section):
     object_store_memory_mb: Annotated[int, Field(ge=78)] = Field(
         256, description="Object store size of a local Ray instance (MiB)."
     )
+    object_spilling_dir: str | None = Field(
+        None,
+        description="Where a local Ray instance spills objects that do not fit in its store "
+        "(null = Ray's temp dir, /tmp/ray).",
+    )
     storage_path: str = Field(
         ".adaseg/ray_results",
         description="Ray Train/Tune storage (checkpoints, resume state); local path or URI.",

@@ -8,6 +8,7 @@ cluster runs the driver's code.
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
 from pathlib import Path
@@ -108,6 +109,10 @@ def init_ray(cfg: RuntimeConfig) -> None:
     # one node, no spot instances: Ray Train's preemption watcher has nothing to watch
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     use_loopback()
+    extra = {}
+    if cfg.object_spilling_dir:  # objects beyond object_store_memory_mb go there
+        spill = {"type": "filesystem", "params": {"directory_path": cfg.object_spilling_dir}}
+        extra["_system_config"] = {"object_spilling_config": json.dumps(spill)}
     ray.init(
         # "local": always a new instance of our own. Without an address Ray joins the last
         # cluster `ray start` (or a test cluster) advertised on this machine, and then
@@ -119,7 +124,38 @@ def init_ray(cfg: RuntimeConfig) -> None:
         log_to_driver=True,
         logging_level=logging.WARNING,
         runtime_env={"worker_process_setup_hook": hook},
+        **extra,
     )
+
+
+def object_store_advice(exc: BaseException, cfg: RuntimeConfig) -> str | None:
+    """What to do when ``exc`` (or what caused it, also from a worker) is Ray's object store
+    running out of room with no disk left to spill to; None for any other error.
+
+    Objects larger than the store, or more of them than fit, are spilled to disk by Ray (a
+    stage's inputs live in the store): only a full spill disk ends a stage."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        text = str(exc)
+        if isinstance(exc, ray.exceptions.ObjectStoreFullError | ray.exceptions.OutOfDiskError) or (
+            "ObjectStoreFullError" in text or "OutOfDiskError" in text
+        ):
+            first = next((ln for ln in text.splitlines() if ln.strip()), type(exc).__name__)
+            where = (
+                f"the nodes' `ray start --object-store-memory` (cluster {ray_address(cfg)})"
+                if ray_address(cfg)
+                else f"runtime.object_store_memory_mb (now {cfg.object_store_memory_mb} MiB)"
+            )
+            spill = cfg.object_spilling_dir or "Ray's temp dir (/tmp/ray unless RAY_TMPDIR)"
+            return (
+                f"Ray's object store is full and its objects cannot be spilled to disk ({first}). "
+                f"Raise {where}, or give Ray disk to spill to: free space in {spill} or set "
+                "runtime.object_spilling_dir to a larger disk. The stage's outputs are written "
+                "whole or not at all; re-run when done."
+            )
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 def resolve_use_gpu(flag) -> bool:

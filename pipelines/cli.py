@@ -181,9 +181,20 @@ def _paths(value) -> list:
     return [] if value is None else value if isinstance(value, list) else [value]
 
 
+def _resource_error(err: Exception, params) -> str | None:
+    """The message for an error of the services a stage runs on (only modules the stage
+    loaded are asked), or None."""
+    tracking = sys.modules.get("components.tracking")
+    if tracking is not None and isinstance(err, tracking.TrackingUnavailable):
+        return str(err)
+    runtime = sys.modules.get("components.runtime")
+    return runtime.object_store_advice(err, params.runtime) if runtime else None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     setup_logging()
+    params = None
     try:
         params = read_params(args.params, args.set)
         if args.command == "validate":
@@ -199,19 +210,19 @@ def main(argv: list[str] | None = None) -> int:
     except (ParamsError, DataError) as err:
         print(f"adaseg {args.command}: error: {err}", file=sys.stderr)
         return 2
-    except Exception as err:
-        # a tracking server that stayed away: the message says what is kept and what to do
-        tracking = sys.modules.get("components.tracking")
-        if tracking is None or not isinstance(err, tracking.TrackingUnavailable):
-            raise
-        print(f"adaseg {args.command}: error: {err}", file=sys.stderr)
-        return 3
     except FileNotFoundError as err:
         given = [str(v) for dest in _dests(args.command) for v in _paths(getattr(args, dest))]
         if not any(str(err.filename or "").startswith(g) for g in given):
             raise  # not one of the paths on the command line: a bug, keep the traceback
         print(f"adaseg {args.command}: error: no such file: {err.filename}", file=sys.stderr)
         return 2
+    except Exception as err:
+        # a lost tracking server, a full object store: say what is kept and what to do
+        message = _resource_error(err, params) if params is not None else None
+        if message is None:
+            raise
+        print(f"adaseg {args.command}: error: {message}", file=sys.stderr)
+        return 3
     return 0
 
 
