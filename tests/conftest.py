@@ -119,7 +119,12 @@ def run_in(repo: Path, *cmd: str, check=True, timeout=900) -> subprocess.Complet
 @pytest.fixture(scope="session")
 def repo(tmp_path_factory) -> Path:
     """A git + DVC repo with this project's files and tiny params, after one `dvc repro`."""
-    dst = tmp_path_factory.mktemp("repo")
+    return make_tiny_repo(tmp_path_factory.mktemp("repo"))
+
+
+def make_tiny_repo(dst: Path) -> Path:
+    """This project's files in ``dst`` (an empty folder) with tiny params, as a git repo
+    after one ``dvc repro`` (its log: :func:`repro_log`)."""
     files = subprocess.run(
         ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
         cwd=ROOT,

@@ -16,10 +16,8 @@ worker nodes, every node on 127.0.0.1, token authentication on), joined by the s
 from __future__ import annotations
 
 import json
-import secrets
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -29,8 +27,8 @@ import pytest
 import torch
 import yaml
 
+from tests.cluster_harness import OneMachineCluster
 from tests.conftest import (
-    ROOT,
     dvc_metrics,
     mlflow_runs,
     repo_env,
@@ -46,64 +44,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.cluster]
 NODE_CPUS = 2
 
 
-class OneMachineCluster:
-    """A head (no CPUs: it only coordinates) and worker nodes, all on loopback, run by
-    ``tests/cluster_harness.py`` in a process of its own."""
-
-    def __init__(self, base: Path):
-        self.env = {
-            "RAY_AUTH_MODE": "token",
-            "RAY_AUTH_TOKEN": secrets.token_hex(32),
-            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # the driver joins from 127.0.0.1
-        }
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.cluster_harness", "--temp-dir", str(base / "ray")]
-            + ["--workers", "2", "--cpus", str(NODE_CPUS)],
-            cwd=ROOT,
-            env={**repo_env(ROOT), **self.env},
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        first = self._answer()
-        self.address, self.head = first["address"], first["head"]
-
-    def _answer(self) -> dict:
-        line = self.proc.stdout.readline()
-        assert line, f"the cluster harness exited ({self.proc.poll()})"
-        answer = json.loads(line)
-        self.workers: list[str] = answer["workers"]
-        return answer
-
-    def _command(self, cmd: str) -> None:
-        self.proc.stdin.write(cmd + "\n")
-        self.proc.stdin.flush()
-        self._answer()
-
-    def kill(self, node_id: str) -> None:
-        """Take the worker node ``node_id`` away at once: raylet, object store, workers."""
-        self._command(f"kill {node_id}")
-
-    def add_worker(self) -> None:
-        self._command("add")
-
-    def stage_env(self, repo: Path) -> dict:
-        return {**repo_env(repo), **self.env, "RAY_ADDRESS": self.address}
-
-    def pids(self) -> set[int]:
-        return {p.pid for p in psutil.Process(self.proc.pid).children(recursive=True)}
-
-    def shutdown(self) -> None:
-        self.proc.stdin.close()
-        self.proc.wait(timeout=120)
-        current = Path("/tmp/ray/ray_current_cluster")  # Ray advertises the cluster there
-        if current.is_file() and current.read_text().strip() == self.address:
-            current.unlink()
-
-
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    c = OneMachineCluster(tmp_path_factory.mktemp("cluster"))
+    c = OneMachineCluster(tmp_path_factory.mktemp("cluster"), workers=2, cpus=NODE_CPUS)
     yield c
     c.shutdown()
 
