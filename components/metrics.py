@@ -205,6 +205,48 @@ def referring_metrics(
     return out
 
 
+QUERY_TYPES = ("one", "many", "zero")
+
+
+def query_type_metrics(preds, gts, query_types) -> dict[str, float]:
+    """DMMI's layout (its Table 2) of referring results by what a query refers to.
+
+    ``one/…`` and ``many/…`` (one-to-one, one-to-many queries) and ``targets/…`` (both
+    together): ``oiou`` and ``miou`` as in :func:`referring_metrics`, and ``n``; ``zero/acc``:
+    among one-to-zero queries (those whose ground truth is empty), the fraction predicted all
+    background, and ``zero/n``. A group with no sample is left out.
+
+    Raises:
+        ValueError: If the lengths differ or a query type is not one of ``QUERY_TYPES``.
+    """
+    if not len(preds) == len(gts) == len(query_types):
+        raise ValueError(
+            f"length mismatch: {len(preds)} preds, {len(gts)} gts, {len(query_types)} types"
+        )
+    unknown = sorted(set(query_types) - set(QUERY_TYPES))
+    if unknown:
+        raise ValueError(f"unknown query type {unknown[0]!r}; expected one of {QUERY_TYPES}")
+    stats = []
+    for pred, gt in zip(preds, gts, strict=True):
+        pred, gt = np.asarray(pred, dtype=bool), np.asarray(gt, dtype=bool)
+        stats.append((*mask_iou_stats(pred, gt), bool(pred.any())))
+    out: dict[str, float] = {}
+    groups = {"one": ("one",), "many": ("many",), "targets": ("one", "many")}
+    for name, kinds in groups.items():
+        rows = [st for st, t in zip(stats, query_types, strict=True) if t in kinds]
+        if rows:
+            inter = sum(r[0] for r in rows)
+            union = sum(r[1] for r in rows)
+            out[f"{name}/oiou"] = inter / union if union else 0.0
+            out[f"{name}/miou"] = float(np.mean([i / u if u else 1.0 for i, u, _ in rows]))
+            out[f"{name}/n"] = float(len(rows))
+    zero = [st for st, t in zip(stats, query_types, strict=True) if t == "zero"]
+    if zero:
+        out["zero/acc"] = float(np.mean([not any_fg for _, _, any_fg in zero]))
+        out["zero/n"] = float(len(zero))
+    return out
+
+
 class ConfusionMatrix:
     """Accumulates a pixel confusion matrix for multi-class segmentation.
 

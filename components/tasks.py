@@ -129,9 +129,14 @@ class ReferringTask(Task):
         return predict(net, data, batch_size, device, self.model.empty_threshold)
 
     def metrics(self, preds, scores, data):
-        from components.metrics import referring_metrics
+        """Over all queries (``oiou``, ``miou``, ``map``, ``prec@K``, ``zero_acc``), then by
+        query type (``one/…``, ``many/…``, ``targets/…``, ``zero/acc``: DMMI's layout)."""
+        from components.metrics import query_type_metrics, referring_metrics
 
-        return referring_metrics(list(preds), list(data.masks), list(scores))
+        return {
+            **referring_metrics(list(preds), list(data.masks), list(scores)),
+            **query_type_metrics(list(preds), list(data.masks), data.query_types),
+        }
 
     def unsupervised_metrics(self, student, teacher, data, device):
         from components.training import unsupervised_metrics

@@ -3,7 +3,8 @@
 Each (model, split) pair is one Ray task (local cores or cluster nodes). Outputs:
 
 * ``metrics/eval.json``: model -> split -> metric (referring: oiou, miou, map, prec@K,
-  zero_acc, n; semantic: miou, pixel_acc, iou/<class>, n);
+  zero_acc, n over all queries, then DMMI's layout by query type: one/…, many/…, targets/…
+  (oiou, miou, n), zero/acc, zero/n; semantic: miou, pixel_acc, iou/<class>, n);
 * ``predictions/<model>/<split>.parquet``: referring: sample_id, predicted COCO RLE, score,
   IoU; semantic: sample_id, predicted label map (PNG), mean confidence, pixel accuracy; so
   anyone can recompute the metrics;
@@ -154,8 +155,8 @@ def main(
                     tmp / f"{name}.png",
                     f"{name} on {s}",
                 )
-            mlflow.log_artifacts(str(tmp), artifact_path="overlays")
-        write_json(metrics, results)
+        write_json(metrics, results)  # every DVC output first, then MLflow
+        mlflow.log_artifacts(overlays, artifact_path="overlays")
         for name, per_split in results.items():
             for s, vals in per_split.items():
                 mlflow.log_metrics(

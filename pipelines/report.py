@@ -20,6 +20,8 @@ from components.tracking import stage_run, tracking_uri
 from pipelines.common import repo_root
 
 METRICS = ["oiou", "miou", "map", "prec@0.5", "prec@0.7", "prec@0.9", "zero_acc", "pixel_acc"]
+#: DMMI's layout of referring results by query type (components.metrics.query_type_metrics)
+BY_TYPE = ["one/oiou", "many/oiou", "targets/oiou", "zero/acc"]
 
 
 def headline(results: dict) -> str:
@@ -29,9 +31,11 @@ def headline(results: dict) -> str:
 
 
 def table(results: dict) -> pd.DataFrame:
-    classes = sorted({k for per in results.values() for v in per.values() for k in v if "/" in k})
+    classes = sorted(
+        {k for per in results.values() for v in per.values() for k in v if k.startswith("iou/")}
+    )
     rows = [
-        {"model": model, "split": split, **{m: vals.get(m) for m in METRICS + classes}}
+        {"model": model, "split": split, **{m: vals.get(m) for m in METRICS + BY_TYPE + classes}}
         for model, per_split in results.items()
         for split, vals in per_split.items()
     ]

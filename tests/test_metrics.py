@@ -9,6 +9,7 @@ import pytest
 from components.metrics import (
     ConfusionMatrix,
     mask_iou_stats,
+    query_type_metrics,
     referring_metrics,
     semantic_metrics,
 )
@@ -335,3 +336,39 @@ def test_semantic_metrics_errors_mention_index():
         semantic_metrics([PRED, PRED], [GT], num_classes=4)
     with pytest.raises(ValueError, match=r"sample 1: gt labels \[9\]"):
         semantic_metrics([PRED, PRED], [GT, np.full_like(GT, 9)], num_classes=4)
+
+
+def test_query_type_metrics_by_hand():
+    def box(r0, r1, c0, c1):
+        m = np.zeros((4, 4), bool)
+        m[r0:r1, c0:c1] = True
+        return m
+
+    empty = np.zeros((4, 4), bool)
+    gts = [box(0, 2, 0, 2), box(0, 4, 0, 2), empty, empty, empty]
+    preds = [box(0, 2, 0, 1), box(0, 4, 0, 2), empty, box(0, 1, 0, 1), empty]
+    types = ["one", "many", "zero", "zero", "zero"]
+    out = query_type_metrics(preds, gts, types)
+    # one: 2 / 4; many: 8 / 8; targets: (2 + 8) / (4 + 8), mean of 0.5 and 1
+    assert out["one/oiou"] == pytest.approx(0.5) and out["one/n"] == 1
+    assert out["many/oiou"] == pytest.approx(1.0) and out["many/miou"] == pytest.approx(1.0)
+    assert out["targets/oiou"] == pytest.approx(10 / 12)
+    assert out["targets/miou"] == pytest.approx(0.75) and out["targets/n"] == 2
+    # zero: right when nothing at all is predicted: 2 of 3
+    assert out["zero/acc"] == pytest.approx(2 / 3) and out["zero/n"] == 3
+
+
+def test_query_type_metrics_leave_out_absent_groups_and_refuse_unknown_types():
+    m = np.ones((2, 2), bool)
+    assert set(query_type_metrics([m], [m], ["one"])) == {
+        "one/oiou",
+        "one/miou",
+        "one/n",
+        "targets/oiou",
+        "targets/miou",
+        "targets/n",
+    }
+    with pytest.raises(ValueError, match="unknown query type 'some'"):
+        query_type_metrics([m], [m], ["some"])
+    with pytest.raises(ValueError, match="length mismatch"):
+        query_type_metrics([m], [m, m], ["one"])
