@@ -16,6 +16,7 @@ from pydantic import BaseModel, Field, ValidationError, field_validator, model_v
 
 from components.adaptation.configs import (
     METHOD_CONFIGS,
+    CDANetConfig,
     DACSConfig,
     DANNConfig,
     DIDAConfig,
@@ -253,6 +254,7 @@ class AdaptConfig(TrainConfig):
     dann: DANNConfig | None = None
     t2s: T2SConfig | None = None
     dida: DIDAConfig | None = None
+    cdanet: CDANetConfig | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -487,7 +489,7 @@ class CompareConfig(_Section):
     """The methods comparison (``compare/dvc.yaml``): every method x task x seed."""
 
     methods: list[Literal[tuple(METHOD_CONFIGS)]] = Field(  # type: ignore[valid-type]
-        default_factory=lambda: ["sda", "dacs", "mmd", "dann", "t2s", "dida"],
+        default_factory=lambda: ["sda", "dacs", "mmd", "dann", "t2s", "dida", "cdanet"],
         description="Methods to run (a method skips the tasks it does not support).",
     )
     tasks: list[Literal["referring", "semantic"]] = Field(

@@ -1,6 +1,6 @@
 """End to end: the methods comparison (``dvc repro compare/dvc.yaml:compare``) on tiny params,
-2 methods x 2 tasks x 1 seed, in the shared tiny repository; its MLflow runs and tags, the
-tables rebuilt from MLflow alone, and reuse of finished units."""
+2 methods (DACS, CDANet) x 2 tasks x 1 seed, in the shared tiny repository; its MLflow runs
+and tags, the tables rebuilt from MLflow alone, and reuse of finished units."""
 
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ def test_comparison_tables(compared):
     for task in ("referring", "semantic"):
         rows = table[table.task == task]
         # floor first, ceiling last, the methods in between
-        assert rows.model.tolist() == ["source_only", "dacs", "mmd", "oracle"]
+        assert rows.model.tolist() == ["source_only", "cdanet", "dacs", "oracle"]
         assert (rows.seeds == 1).all()
     per_class = pd.read_csv(report / "per_class.csv")
     assert {"background", "circle", "triangle", "miou"} <= set(per_class.columns)
@@ -49,7 +49,7 @@ def test_comparison_tables(compared):
     assert set(metrics) == {"referring", "semantic"}
     assert metrics["referring"]["source_only"]["gap_closed"] == 0.0
     eval_json = json.loads((repo / "compare/work/seed0/semantic/eval.json").read_text())
-    assert set(eval_json) == {"source_only", "dacs", "mmd", "oracle"}
+    assert set(eval_json) == {"source_only", "dacs", "cdanet", "oracle"}
     assert "iou/background" in eval_json["dacs"]["target_test"]
 
 
@@ -64,10 +64,10 @@ def test_every_run_is_tagged_and_the_table_rebuilds_from_mlflow(compared, tmp_pa
     mine = _runs(repo, compare_id)
     adapt = mine[mine["tags.adaseg.stage"] == "adapt"]
     assert sorted(zip(adapt["tags.adaseg.method"], adapt["tags.adaseg.task"], strict=True)) == [
+        ("cdanet", "referring"),
+        ("cdanet", "semantic"),
         ("dacs", "referring"),
         ("dacs", "semantic"),
-        ("mmd", "referring"),
-        ("mmd", "semantic"),
     ]
     assert set(adapt["tags.adaseg.seed"]) == {"0"}
     # every unit's run says its seed, and (but the seed's prepare) its task

@@ -147,6 +147,39 @@ class DIDAConfig(TeacherConfig):
     strength: Fraction = Field(0.5, description="Strong view: jitter / noise amount (assumed).")
 
 
+class CDANetConfig(MethodSection):
+    """CDANet: cross-domain spatial (CD-SAM) and channel (CD-CAM) attention, segmentation
+    losses on every attended feature and three output-space discriminators."""
+
+    lambda_s: NonNeg = Field(
+        1.0, description="Eq. 2: weight of the target context in A'_s (paper)."
+    )
+    lambda_t: NonNeg = Field(
+        1.0, description="Eq. 4: weight of the source context in A'_t (paper)."
+    )
+    xi_s: NonNeg = Field(1.0, description="Eq. 6: weight of the target context in B'_s (paper).")
+    xi_t: NonNeg = Field(1.0, description="Eq. 8: weight of the source context in B'_t (paper).")
+    key_reduction: PositiveInt = Field(
+        8, description="Q and K of CD-SAM have C // key_reduction channels (paper: 256 of 2048)."
+    )
+    threshold: Fraction = Field(
+        0.9, description="Confidence a target pixel needs to get a pseudo-label (BDL's 0.9)."
+    )
+    fda_band: Annotated[float, Field(gt=0, le=0.5)] = Field(
+        0.05, description="FDA restyling of the source (paper: CycleGAN) as in T2S (assumed)."
+    )
+    lambda_adv: NonNeg = Field(
+        1e-3,
+        description="Eq. 13's lambda, on the reversed gradient only (assumed: AdaptSegNet's).",
+    )
+    disc_width: PositiveInt = Field(
+        64, description="Discriminator channels: width x (1, 2, 4, 8), then 1 (paper: 64)."
+    )
+    chunk: PositiveInt = Field(
+        1024, description="Source positions per chunk of the spatial energy map (assumed)."
+    )
+
+
 METHOD_CONFIGS: dict[str, type[MethodSection]] = {
     "source_only": SourceOnlyConfig,
     "sda": SDAConfig,
@@ -155,4 +188,5 @@ METHOD_CONFIGS: dict[str, type[MethodSection]] = {
     "dann": DANNConfig,
     "t2s": T2SConfig,
     "dida": DIDAConfig,
+    "cdanet": CDANetConfig,
 }

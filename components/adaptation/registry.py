@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from components.adaptation.base import AdaptationMethod
 from components.adaptation.baselines import DANN, MMD, SourceOnly
+from components.adaptation.cdanet import CDANet
 from components.adaptation.dacs import DACS
 from components.adaptation.dida import DIDA
 from components.adaptation.sda.method import SDA
@@ -17,4 +18,5 @@ METHODS: dict[str, type[AdaptationMethod]] = {
     "dann": DANN,
     "t2s": T2S,
     "dida": DIDA,
+    "cdanet": CDANet,
 }
