@@ -123,9 +123,55 @@ class DataConfig(_Section):
         return self
 
 
-class ModelConfig(_Section):
-    """Base network of SDA Appendix A, sized for CPU by default."""
+class DMMIConfig(_Section):
+    """DMMI's own params (``model.dmmi``; used when ``model.arch`` is ``dmmi``). "paper" values
+    come from DMMI Section 5.1, "release" from its public code."""
 
+    sim_weight: Annotated[float, Field(ge=0)] = Field(
+        0.01, description="Weight of L_sim (Eq. 8) against L_seg (release)."
+    )
+    con_weight: Annotated[float, Field(ge=0)] = Field(
+        0.01, description="Weight of L_con (Eq. 9) against L_seg (release)."
+    )
+    temperature: Annotated[float, Field(gt=0)] = Field(
+        0.05, description="Contrastive temperature on cosine similarities (paper: logits x 20)."
+    )
+    windows: list[PositiveInt] = Field(
+        default_factory=lambda: [1, 3, 5], description="MBA text-to-image window sides (paper)."
+    )
+    spans: list[PositiveInt] = Field(
+        default_factory=lambda: [1, 2, 3], description="MBA image-to-text span lengths (paper)."
+    )
+    ccr_layers: PositiveInt = Field(1, description="CCR Transformer decoder layers (paper: 1).")
+    ccr_heads: PositiveInt = Field(8, description="Attention heads of CCR (paper: 8).")
+
+    @field_validator("windows")
+    @classmethod
+    def _odd_windows(cls, v: list[int]) -> list[int]:
+        if not v or len(set(v)) != len(v) or any(k % 2 == 0 for k in v):
+            raise ValueError(f"needs distinct odd window sides (a centred window), got {v}")
+        return v
+
+    @field_validator("spans")
+    @classmethod
+    def _distinct_spans(cls, v: list[int]) -> list[int]:
+        if not v or len(set(v)) != len(v):
+            raise ValueError(f"needs distinct span lengths, got {v}")
+        return v
+
+
+class ModelConfig(_Section):
+    """Base network of SDA Appendix A, sized for CPU by default; or DMMI (``arch: dmmi``)."""
+
+    arch: Literal["sda", "dmmi"] = Field(
+        "sda", description="Base network: SDA's (Appendix A) or DMMI's (components.models.dmmi)."
+    )
+    dmmi: DMMIConfig = DMMIConfig()
+    zero_interleave: bool = Field(
+        False,
+        description="Supervised phases spread one-to-zero samples evenly through each epoch "
+        "(DMMI's sampler); off = a plain shuffle.",
+    )
     backbone: Literal["convnet", "resnet18", "resnet34", "resnet50", "resnet101"] = "convnet"
     backbone_weights: str | None = Field(
         None, description="Local state_dict file for a resnet backbone (no downloads)."
@@ -152,6 +198,10 @@ class ModelConfig(_Section):
             raise ValueError(f"widths needs at least `scales` ({self.scales}) entries")
         if self.embeddings == "glove" and not self.glove_path:
             raise ValueError("glove_path is required when embeddings is 'glove'")
+        if self.arch == "dmmi" and self.hidden % self.dmmi.ccr_heads:
+            raise ValueError(
+                f"dmmi.ccr_heads ({self.dmmi.ccr_heads}) must divide hidden ({self.hidden})"
+            )
         return self
 
 
@@ -557,6 +607,8 @@ class Params(_Section):
 
     @model_validator(mode="after")
     def _tune_space(self) -> Params:
+        if self.model.arch == "dmmi" and self.data.task != "referring":
+            raise ValueError("model.arch: dmmi is a referring network (data.task: referring)")
         supported = self.adapt.method_config.TASKS
         if self.data.task not in supported:
             raise ValueError(

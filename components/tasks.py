@@ -22,8 +22,11 @@ from torch import nn
 
 from components.config import ModelConfig
 from components.data.dataset import IGNORE_INDEX, SplitArrays, iterate_batches, to_batch
+from components.data.synthetic import ENTITY_NOUNS
+from components.data.vocab import erasure_mask
 from components.losses import multiscale_bce
 from components.metrics import semantic_metrics
+from components.models.dmmi import auxiliary_loss
 
 
 @dataclass(frozen=True)
@@ -46,6 +49,13 @@ class Task:
 
     def forward(self, net: nn.Module, batch: dict) -> dict:
         raise NotImplementedError
+
+    def training_inputs(
+        self, batch: dict, data: SplitArrays, rows: np.ndarray, rng: np.random.Generator
+    ) -> dict:
+        """``batch`` plus what only a supervised training step feeds the network (DMMI's erased
+        words); no random draw unless the network takes such an input."""
+        return batch
 
     def supervised_loss(self, out: dict, batch: dict) -> torch.Tensor:
         raise NotImplementedError
@@ -103,10 +113,30 @@ class ReferringTask(Task):
         return build_model(self.model, vocab_size, embeddings)
 
     def forward(self, net, batch):
-        return net(batch["image"], batch["tokens"], batch["lengths"], batch["superpixels"])
+        """The network on a batch; a batch's training-only ``erase`` reaches it only while it
+        trains, so evaluation never erases."""
+        args = (batch["image"], batch["tokens"], batch["lengths"], batch["superpixels"])
+        if "erase" in batch and net.training:
+            return net(*args, erase=batch["erase"])
+        return net(*args)
+
+    def training_inputs(self, batch, data, rows, rng):
+        """DMMI (``model.arch: dmmi``): ``erase``, (B, N) bool, one entity word of each query
+        (``components.data.synthetic.ENTITY_NOUNS``) at the tokenizer's positions."""
+        if self.model.arch != "dmmi":
+            return batch
+        texts = [data.queries[r] for r in rows]
+        erase = erasure_mask(texts, batch["tokens"].shape[1], ENTITY_NOUNS, rng)
+        return {**batch, "erase": torch.from_numpy(erase).to(batch["tokens"].device)}
 
     def supervised_loss(self, out, batch):
-        return multiscale_bce(out["logits"], out["full_logits"].float(), batch["mask"])
+        """L_seg (Eq. 10); plus DMMI's weighted L_sim + L_con when the network returned their
+        terms (given erased words in training), delta = the sample's mask is not empty."""
+        loss = multiscale_bce(out["logits"], out["full_logits"].float(), batch["mask"])
+        if "sim_terms" in out:
+            has_target = batch["mask"].flatten(1).any(1)
+            loss = loss + auxiliary_loss(out, has_target, self.model.dmmi)
+        return loss
 
     def class_logits(self, out):
         logit = out["full_logits"].float()  # (B, H, W)

@@ -6,7 +6,7 @@ Nothing here knows about Ray or MLflow (STYLE.md #4): the stage wraps these in a
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
@@ -40,6 +40,39 @@ def _autocast(device: torch.device, amp: bool):
     return contextlib.nullcontext()
 
 
+def zero_interleaved_order(is_zero: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """DMMI's sampler: a permutation of ``range(len(is_zero))`` in which the one-to-zero
+    samples sit at evenly spaced slots (zero ``k`` of ``z`` at ``floor((k + 1/2) n / z)``), so
+    consecutive ones are at most ``ceil(n / z)`` apart; each group is shuffled by ``rng``."""
+    n = len(is_zero)
+    zeros = rng.permutation(np.flatnonzero(is_zero))
+    others = rng.permutation(np.flatnonzero(~is_zero))
+    slots = np.zeros(n, dtype=bool)
+    if len(zeros):
+        slots[((np.arange(len(zeros)) + 0.5) * n / len(zeros)).astype(np.int64)] = True
+    order = np.empty(n, dtype=np.int64)
+    order[slots], order[~slots] = zeros, others
+    return order
+
+
+def epoch_batches(
+    data: SplitArrays,
+    indices: np.ndarray,
+    batch_size: int,
+    rng: np.random.Generator,
+    zero_interleave: bool,
+) -> Iterator[np.ndarray]:
+    """Positions into ``indices``, one array per batch: a seeded shuffle, or with
+    ``zero_interleave`` (``model.zero_interleave``) :func:`zero_interleaved_order` where a
+    sample is one-to-zero when its ground-truth mask is empty."""
+    if not zero_interleave:
+        yield from iterate_batches(len(indices), batch_size, shuffle=True, rng=rng)
+        return
+    order = zero_interleaved_order(~data.masks[indices].any(axis=(1, 2)), rng)
+    for start in range(0, len(order), batch_size):
+        yield order[start : start + batch_size]
+
+
 def train_epoch(
     task,
     model,
@@ -58,12 +91,15 @@ def train_epoch(
     ``data``; returns mean loss and count.
 
     ``extra_loss(out, batch, rows)`` adds a method's term (e.g. SDA's L_si) to every step;
-    ``rows`` are the batch's row numbers in ``data``.
+    ``rows`` are the batch's row numbers in ``data``. Batches come from :func:`epoch_batches`;
+    ``task.training_inputs`` adds what only training feeds the network (DMMI's erased words,
+    whose auxiliary losses ``task.supervised_loss`` then adds).
     """
     model.train()
     total, count = 0.0, 0
-    for batch_idx in iterate_batches(len(indices), batch_size, shuffle=True, rng=rng):
+    for batch_idx in epoch_batches(data, indices, batch_size, rng, task.model.zero_interleave):
         batch = to_batch(data, indices[batch_idx], device)
+        batch = task.training_inputs(batch, data, indices[batch_idx], rng)
         with _autocast(device, amp):
             out = task.forward(model, batch)
             loss = task.supervised_loss(out, batch)

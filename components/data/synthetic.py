@@ -64,6 +64,19 @@ SYNONYMS = {  # one target word per source word: a vocabulary shift, not a spars
     "above": ["over"],
     "below": ["under"],
 }
+
+
+def plural(noun: str) -> str:
+    """The generator's plural of a category noun ("cross" -> "crosses")."""
+    return noun + ("es" if noun.endswith("s") else "s")
+
+
+#: Words of a query that name the referred entity: the category nouns, their plurals and their
+#: target-domain synonyms (plurals are never swapped for a synonym, see ``_translate``). The
+#: generic "shape" / "object" name no entity. DMMI erases one of these at training time.
+ENTITY_NOUNS: frozenset[str] = frozenset(
+    [*CATEGORIES, *map(plural, CATEGORIES), *(SYNONYMS[c][0] for c in CATEGORIES)]
+)
 SOURCE_TEMPLATES = ["the {d}"]
 TARGET_TEMPLATES = ["find the {d}", "segment the {d}", "where is the {d}", "show me the {d}"]
 SOURCE_MANY = ["all the {d}", "all {d}"]
@@ -209,7 +222,7 @@ def _holds(a: Obj, b: Obj, rel: str) -> bool:
     }[rel]
 
 
-def _phrase(attrs: dict, plural: bool = False) -> list[str]:
+def _phrase(attrs: dict, many: bool = False) -> list[str]:
     words = []
     if "size" in attrs:
         words.append(attrs["size"])
@@ -217,9 +230,9 @@ def _phrase(attrs: dict, plural: bool = False) -> list[str]:
         words.append(COLOR_NAMES[attrs["color"]])
     if "category" in attrs:
         noun = CATEGORIES[attrs["category"]]
-        words.append(noun + ("es" if plural and noun.endswith("s") else "s" if plural else ""))
+        words.append(plural(noun) if many else noun)
     else:
-        words.append("shapes" if plural else "shape")
+        words.append("shapes" if many else "shape")
     return words
 
 
@@ -297,7 +310,7 @@ def make_query(objs: list[Obj], kind: str, cfg: DataConfig, domain: str, rng):
             return None
         key, idx = options[int(rng.integers(len(options)))]
         template = str(rng.choice(TARGET_MANY if alt else SOURCE_MANY))
-        words = _phrase(dict(key), plural=True)
+        words = _phrase(dict(key), many=True)
         return template.format(d=_translate(words, gap.language_gap, domain, rng)), idx
     # zero: a colour + category that is not in the image
     present = {(o.color, o.category) for o in objs}

@@ -51,3 +51,26 @@ class Vocab:
         if vocab.itos != itos:
             raise ValueError(f"{path}: vocabulary is not in canonical order")
         return vocab
+
+
+def erasure_mask(
+    texts: list[str], max_words: int, nouns: frozenset[str], rng: np.random.Generator
+) -> np.ndarray:
+    """DMMI's training-time erasure (Section 3.1): one entity word per query, at random.
+
+    Positions are the tokenizer's own (:func:`tokenize`, truncated to ``max_words`` exactly as
+    :meth:`Vocab.encode` does), so position ``i`` is token ``i`` of the encoded query. Every
+    occurrence of the chosen word is erased, so it is really absent from the masked query. A
+    query with no word of ``nouns`` erases nothing (one draw from ``rng`` per query that has).
+
+    Returns:
+        (len(texts), max_words) bool, True at the erased positions.
+    """
+    out = np.zeros((len(texts), max_words), dtype=bool)
+    for row, text in enumerate(texts):
+        words = tokenize(text)[:max_words]
+        found = [i for i, w in enumerate(words) if w in nouns]
+        if found:
+            chosen = words[found[int(rng.integers(len(found)))]]
+            out[row, : len(words)] = [w == chosen for w in words]
+    return out

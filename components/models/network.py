@@ -14,6 +14,7 @@ from torch import nn
 
 from components.config import ModelConfig
 from components.models.decoder import MultiScaleDecoder
+from components.models.dmmi import DMMINet
 from components.models.interaction import Interaction
 from components.models.text import QueryEncoder
 from components.models.visual import build_visual
@@ -71,8 +72,13 @@ class QuerySegNet(nn.Module):
         }
 
 
-def build_model(cfg: ModelConfig, vocab_size: int, embeddings=None) -> QuerySegNet:
-    return QuerySegNet(cfg, vocab_size, embeddings)
+#: the referring task's base networks, by ``model.arch``
+ARCHS: dict[str, type[nn.Module]] = {"sda": QuerySegNet, "dmmi": DMMINet}
+
+
+def build_model(cfg: ModelConfig, vocab_size: int, embeddings=None) -> nn.Module:
+    """The base network of ``cfg.arch`` (``load_trained`` rebuilds it from ``model.json``)."""
+    return ARCHS[cfg.arch](cfg, vocab_size, embeddings)
 
 
 @torch.no_grad()

@@ -56,6 +56,10 @@ class ConvEncoder(nn.Module):
             feats.append(x)
         return feats  # finest first
 
+    def blocks(self) -> list[nn.Module]:
+        """The stages in order, for networks that act between them (DMMI's MBA)."""
+        return list(self.stages)
+
 
 class ResNetEncoder(nn.Module):
     """torchvision ResNet (layer1..layer4), when torchvision is installed."""
@@ -83,6 +87,10 @@ class ResNetEncoder(nn.Module):
             x = layer(x)
             feats.append(x)
         return feats
+
+    def blocks(self) -> list[nn.Module]:
+        """The stages in order (the stem runs with layer1), as ``ConvEncoder.blocks``."""
+        return [nn.Sequential(self.stem, self.layers[0]), *self.layers[1:]]
 
 
 def build_visual(cfg) -> nn.Module:
