@@ -70,6 +70,14 @@ def _set_runtime(repo: Path, **values) -> None:
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
+def _wait_for(proc: subprocess.Popen, probe, timeout=600):
+    """``probe()`` once it returns something, or its None when ``proc`` ended or time ran out."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None and probe() is None:
+        time.sleep(0.2)
+    return probe()
+
+
 def test_nodes_listen_on_loopback_only(cluster):
     addrs = {
         c.laddr.ip
@@ -133,10 +141,7 @@ def test_a_lost_worker_node_costs_a_restart_not_the_stage(cluster, repo, tmp_pat
                 return found[0] if found else None
         return None
 
-    deadline = time.time() + 600
-    while time.time() < deadline and proc.poll() is None and first_checkpoint() is None:
-        time.sleep(0.2)
-    ckpt = first_checkpoint()
+    ckpt = _wait_for(proc, first_checkpoint)
     assert ckpt is not None, "no checkpoint in runtime.storage_path"
     state = torch.load(ckpt, map_location="cpu", weights_only=True)
     assert state["epoch"] < epochs, "training ended before the node could be taken away"
@@ -197,10 +202,7 @@ def test_a_sweep_survives_losing_the_node_its_trials_run_on(cluster, repo, tmp_p
                 continue
         return None
 
-    deadline = time.time() + 600
-    while time.time() < deadline and proc.poll() is None and a_trial_checkpoint() is None:
-        time.sleep(0.2)
-    state = a_trial_checkpoint()
+    state = _wait_for(proc, a_trial_checkpoint)
     assert state is not None, "no trial checkpoint in runtime.storage_path"
     assert state["epoch"] < epochs, "the trial ended before its node could be taken away"
     (node,) = set(state["attempts"][-1]["nodes"])

@@ -7,6 +7,7 @@ interaction is stacked over resolutions), so the finest map sees the deeper cont
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import nn
 
@@ -38,3 +39,20 @@ class MultiScaleDecoder(nn.Module):
             up = F.interpolate(fused[i + 1], size=fused[i].shape[-2:], mode="bilinear")
             fused[i] = fused[i] + up
         return [head(f) for head, f in zip(self.heads, fused, strict=True)], fused
+
+
+def referring_outputs(decoder: MultiScaleDecoder, enhanced: list, size, **parts) -> dict:
+    """The output dict every referring base network returns: the decoder on its inputs
+    ``enhanced`` (finest first), logits upsampled to the image ``size``, and ``parts`` (``words``,
+    ``query``, ``word_mask``, ``alphas``, ``features``); ``alpha`` is the last of ``alphas``."""
+    logits, fused = decoder(enhanced)
+    full = F.interpolate(logits[0], size=size, mode="bilinear")
+    return {
+        "logits": logits,
+        "full_logits": full[:, 0],
+        "response": torch.sigmoid(full[:, 0]),
+        **parts,
+        "alpha": parts["alphas"][-1],
+        "enhanced": enhanced,
+        "fused": fused,
+    }

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from components.config import DMMIConfig, ModelConfig
-from components.models.decoder import MultiScaleDecoder
+from components.models.decoder import MultiScaleDecoder, referring_outputs
 from components.models.mba import MBA
 from components.models.text import QueryEncoder
 from components.models.visual import build_visual
@@ -134,21 +134,16 @@ class DMMINet(nn.Module):
                 feats.append(x)
                 alphas.append(a)
         fs = [p(v) for p, v in zip(self.project, feats, strict=True)]  # (B, C, H_i, W_i)
-        logits, fused = self.decoder(fs)
-        full = F.interpolate(logits[0], size=image.shape[-2:], mode="bilinear")
-        out = {
-            "logits": logits,
-            "full_logits": full[:, 0],
-            "response": torch.sigmoid(full[:, 0]),
-            "words": words,
-            "query": e,
-            "word_mask": word_mask,
-            "alphas": alphas,
-            "alpha": alphas[-1],
-            "features": feats[-1],
-            "enhanced": fs,
-            "fused": fused,
-        }
+        out = referring_outputs(
+            self.decoder,
+            fs,
+            image.shape[-2:],
+            words=words,
+            query=e,
+            word_mask=word_mask,
+            alphas=alphas,
+            features=feats[-1],
+        )
         if erase is not None:
             out.update(self._image_to_text(tokens, lengths, erase, word_mask, e, fs[-1]))
         return out

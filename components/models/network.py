@@ -9,11 +9,10 @@ the maximum itself is below ``empty_threshold`` the mask is empty (DMMI's zero-t
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from components.config import ModelConfig
-from components.models.decoder import MultiScaleDecoder
+from components.models.decoder import MultiScaleDecoder, referring_outputs
 from components.models.dmmi import DMMINet
 from components.models.interaction import Interaction
 from components.models.text import QueryEncoder
@@ -55,21 +54,16 @@ class QuerySegNet(nn.Module):
             f, a = block(v, q, word_mask, superpixels)
             fs.append(f)
             alphas.append(a)
-        logits, fused = self.decoder(fs)
-        full = F.interpolate(logits[0], size=image.shape[-2:], mode="bilinear")
-        return {
-            "logits": logits,
-            "full_logits": full[:, 0],
-            "response": torch.sigmoid(full[:, 0]),
-            "words": words,
-            "query": q,
-            "word_mask": word_mask,
-            "alphas": alphas,
-            "alpha": alphas[-1],
-            "features": feats[-1],
-            "enhanced": fs,
-            "fused": fused,
-        }
+        return referring_outputs(
+            self.decoder,
+            fs,
+            image.shape[-2:],
+            words=words,
+            query=q,
+            word_mask=word_mask,
+            alphas=alphas,
+            features=feats[-1],
+        )
 
 
 #: the referring task's base networks, by ``model.arch``
