@@ -60,6 +60,12 @@ class Task:
     def supervised_loss(self, out: dict, batch: dict) -> torch.Tensor:
         raise NotImplementedError
 
+    def auxiliary_loss(self, out: dict, batch: dict) -> torch.Tensor | None:
+        """The base network's own auxiliary training terms on a labeled batch, already weighted
+        (DMMI's L_sim + L_con), or None when ``out`` carries none; ``supervised_loss``
+        includes it, a method that writes its own segmentation loss adds it."""
+        return None
+
     def class_logits(self, out: dict) -> torch.Tensor:
         """(B, K, H, W) class logits at image resolution."""
         raise NotImplementedError
@@ -133,10 +139,14 @@ class ReferringTask(Task):
         """L_seg (Eq. 10); plus DMMI's weighted L_sim + L_con when the network returned their
         terms (given erased words in training), delta = the sample's mask is not empty."""
         loss = multiscale_bce(out["logits"], out["full_logits"].float(), batch["mask"])
-        if "sim_terms" in out:
-            has_target = batch["mask"].flatten(1).any(1)
-            loss = loss + auxiliary_loss(out, has_target, self.model.dmmi)
-        return loss
+        aux = self.auxiliary_loss(out, batch)
+        return loss if aux is None else loss + aux
+
+    def auxiliary_loss(self, out, batch):
+        if "sim_terms" not in out:
+            return None
+        has_target = batch["mask"].flatten(1).any(1)  # delta: off for one-to-zero samples
+        return auxiliary_loss(out, has_target, self.model.dmmi)
 
     def class_logits(self, out):
         logit = out["full_logits"].float()  # (B, H, W)

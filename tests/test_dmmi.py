@@ -261,3 +261,24 @@ def test_dmmi_params_are_validated_by_field():
         assert ".".join(map(str, err.value.errors()[0]["loc"])) == where
     with pytest.raises(ValidationError, match="ccr_heads"):
         ModelConfig(**BASE, arch="dmmi", dmmi={"ccr_heads": 3})
+
+
+def test_adaptation_steps_erase_source_words_only():
+    """In the adapt phase the labeled source batch carries DMMI's erased words (its auxiliary
+    losses join every method's source loss); the unlabeled target batch never does, and the
+    default network's batches draw nothing from the step's generator."""
+    from components.adaptation.base import Upstream
+    from components.adaptation.phase import step_batch
+
+    data, _ = _data()
+    rows, cpu = np.arange(len(data)), torch.device("cpu")
+    dmmi = make_task("referring", DMMI)
+    rng = np.random.default_rng(0)
+    src = step_batch(dmmi, Upstream(), data, "source", rows, cpu, rng)
+    tgt = step_batch(dmmi, Upstream(), data, "target", rows, cpu, rng)
+    assert "erase" not in tgt
+    assert src["erase"].sum(1).tolist() == [1, 1, 0, 1]  # "the green shape" has no entity noun
+    sda = make_task("referring", ModelConfig(**BASE))
+    rng, untouched = np.random.default_rng(0), np.random.default_rng(0)
+    assert "erase" not in step_batch(sda, Upstream(), data, "source", rows, cpu, rng)
+    assert rng.random() == untouched.random()

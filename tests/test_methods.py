@@ -18,7 +18,9 @@ from components.data.dataset import IGNORE_INDEX
 from components.metrics import semantic_metrics
 from components.tasks import make_task
 
-MCFG = ModelConfig(widths=[8, 12, 16, 16], hidden=12, embed_dim=12, num_superpixels=10)
+MCFG = ModelConfig(
+    widths=[8, 12, 16, 16], hidden=12, embed_dim=12, num_superpixels=10, dmmi={"ccr_heads": 4}
+)
 CLASSES = ["background", "circle", "square", "ring"]
 B, H = 4, 32
 
@@ -45,13 +47,18 @@ def _cases():
     for name in METHODS:
         for task in ("referring", "semantic"):
             if task in METHOD_CONFIGS[name].TASKS:
-                yield pytest.param(name, task, id=f"{name}-{task}")
+                yield pytest.param(name, task, "sda", id=f"{name}-{task}")
+        if "referring" in METHOD_CONFIGS[name].TASKS:
+            yield pytest.param(name, "referring", "dmmi", id=f"{name}-referring-dmmi")
 
 
-@pytest.mark.parametrize(("name", "task_name"), list(_cases()))
-def test_method_contract(name, task_name):
+@pytest.mark.parametrize(("name", "task_name", "arch"), list(_cases()))
+def test_method_contract(name, task_name, arch):
+    """Every method trains every parameter it holds, on either task and either referring base
+    network (with DMMI, the source batch's erased words reach the image-to-text branch)."""
     torch.manual_seed(0)
-    task = make_task(task_name, MCFG, CLASSES)
+    mcfg = MCFG if arch == "sda" else ModelConfig(**{**MCFG.model_dump(), "arch": arch})
+    task = make_task(task_name, mcfg, CLASSES)
     upstream = Upstream(np.array([0, 1, 0, 1]), np.array([0, 1, 0, 1]), np.ones(4, dtype=bool))
     network = task.build_network(20)
     method = METHODS[name](network, METHOD_CONFIGS[name](), task, upstream)
@@ -59,6 +66,9 @@ def test_method_contract(name, task_name):
     fields = upstream.batch_fields
     src = {**_batch(task, 0), **fields("source", np.arange(B))}
     tgt = {**_batch(task, 1), **fields("target", np.arange(B))}
+    if arch == "dmmi":  # one erased word per source query, as Task.training_inputs gives
+        src["erase"] = torch.zeros_like(src["tokens"], dtype=torch.bool)
+        src["erase"][:, 1] = True
     tgt.pop("label", None)  # target ground truth never reaches a method
     tgt["mask"] = torch.zeros_like(tgt["mask"]) if "masks" not in method.requires else tgt["mask"]
     method.train()

@@ -55,6 +55,26 @@ def build_method(params: Params, inp: AdaptInputs) -> AdaptationMethod:
     return cls(network, params.adapt.method_config, inp.task, inp.upstream)
 
 
+def step_batch(
+    task: Task,
+    upstream: Upstream,
+    data: SplitArrays,
+    domain: str,
+    rows: np.ndarray,
+    device,
+    rng: np.random.Generator,
+) -> dict:
+    """The ``domain`` batch of ``rows`` one adaptation step sees: the task's tensors, the
+    upstream fields and, on the labeled source side, what only supervised training feeds the
+    network (``Task.training_inputs``: DMMI's erased words, so that its auxiliary losses join
+    the source loss of every method)."""
+    fields = upstream.batch_fields(domain, rows)
+    out = {**to_batch(data, rows, device), **{k: v.to(device) for k, v in fields.items()}}
+    if domain == "source":
+        out = task.training_inputs(out, data, rows, rng)
+    return out
+
+
 def setup_adapt(spec: train_loop.PhaseSpec) -> train_loop.Phase:
     """The adaptation phase; runs in a Ray Train worker, or in a Ray Tune trial (sweeps)."""
     cfg, inp = spec.params.adapt, spec.payload
@@ -72,9 +92,8 @@ def setup_adapt(spec: train_loop.PhaseSpec) -> train_loop.Phase:
     # and finds the method's state outside its tensors (memory banks) as it was
     extra = {"generator": gen.get_state(), "method": method.extra_state()}
 
-    def batch(data: SplitArrays, domain: str, rows: np.ndarray) -> dict:
-        fields = inp.upstream.batch_fields(domain, rows)
-        return {**to_batch(data, rows, device), **{k: v.to(device) for k, v in fields.items()}}
+    def batch(data: SplitArrays, domain: str, rows: np.ndarray, rng) -> dict:
+        return step_batch(task, inp.upstream, data, domain, rows, device, rng)
 
     def run_epoch(epoch: int, tick) -> dict:
         gen.set_state(extra["generator"])
@@ -89,7 +108,7 @@ def setup_adapt(spec: train_loop.PhaseSpec) -> train_loop.Phase:
                 break
             rows_s = s_idx[bidx]
             rows_t = t_order[i * cfg.batch_size : (i + 1) * cfg.batch_size]
-            sb, tb = batch(src, "source", rows_s), batch(tgt, "target", rows_t)
+            sb, tb = batch(src, "source", rows_s, rng), batch(tgt, "target", rows_t, rng)
             loss, logs = method.step(sb, tb, gen)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"non-finite adaptation loss {loss.item()}: {logs}")

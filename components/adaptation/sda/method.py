@@ -80,7 +80,9 @@ class SDA(AdaptationMethod):
         self.register_buffer("common_set", common_categories(upstream), persistent=False)
 
     def forward_base(self, net, batch):
-        return net(batch["image"], batch["tokens"], batch["lengths"], batch["superpixels"])
+        """The base network on ``batch`` through the task (a training student sees the source
+        batch's erased words when the network is DMMI; the eval-mode teacher never does)."""
+        return self.task.forward(net, batch)
 
     def step(self, src: dict, tgt: dict, gen=None):
         """One step's loss and its parts.
@@ -104,6 +106,9 @@ class SDA(AdaptationMethod):
 
         # Eq. 5: main decoder on source annotations, auxiliary decoder on target masks
         loss_ct = multiscale_bce(out_s["logits"], out_s["full_logits"], src["mask"])
+        if (loss_base := self.task.auxiliary_loss(out_s, src)) is not None:  # DMMI's terms
+            loss_ct = loss_ct + loss_base
+            logs["l_base_aux"] = loss_base.item()
         fg_t, bg_t = pseudo_masks(tch_t["response"], cfg.gamma_max, cfg.gamma_min)  # A^t
         if cfg.rrb and cfg.ct:
             aux_mask = tgt["mask"] if cfg.reciprocal_masks else fg_t.float()
