@@ -115,12 +115,74 @@ class DataConfig(_Section):
     )
     slic_compactness: Annotated[float, Field(gt=0)] = 10.0
     shard_size: PositiveInt = Field(500, description="Samples per Parquet shard.")
+    dataset: Literal["synthetic", "refcoco", "refcoco+", "refcocog", "refzom"] = Field(
+        "synthetic",
+        description="The source domain's dataset: the embedded benchmark, or a referring dataset "
+        "on disk under data.root (components.data.refer).",
+    )
+    target_dataset: Literal["refcoco", "refcoco+", "refcocog", "refzom"] | None = Field(
+        None, description="The target domain's dataset on disk (null = data.dataset)."
+    )
+    root: str | None = Field(
+        None, description="Folder of the datasets on disk: <root>/<dataset>/refs(<split_by>).p."
+    )
+    split_by: str | None = Field(None, description="Source split_by (null = dataset's usual).")
+    target_split_by: str | None = Field(None, description="Target split_by (null = usual).")
+    image_dir: str = Field(
+        "images/mscoco/images/train2014",
+        description="Images of the source dataset, relative to data.root (or absolute).",
+    )
+    target_image_dir: str | None = Field(None, description="Target images (null = image_dir).")
+    embed_images: bool = Field(
+        False,
+        description="Copy each image's PNG into the shards; false keeps images on disk by path.",
+    )
 
     @model_validator(mode="after")
     def _objects_range(self) -> DataConfig:
         if self.min_objects > self.max_objects:
             raise ValueError("min_objects must be <= max_objects")
         return self
+
+    @model_validator(mode="after")
+    def _real_dataset(self) -> DataConfig:
+        if self.dataset == "synthetic":
+            if self.target_dataset is not None:
+                raise ValueError("target_dataset needs a dataset on disk (data.dataset)")
+            return self
+        from components.data.refer import split_by_of
+
+        if not self.root:
+            raise ValueError(f"root: data.dataset {self.dataset} needs the folder it lies in")
+        if self.task != "referring":
+            raise ValueError(f"task: {self.dataset} is a referring dataset (no semantic maps)")
+        for name, dataset, split_by in (
+            ("split_by", self.dataset, self.split_by),
+            ("target_split_by", self.target_domain, self.target_split_by),
+        ):
+            try:
+                split_by_of(dataset, split_by)
+            except ValueError as err:
+                raise ValueError(f"{name}: {err}") from None
+        return self
+
+    @property
+    def target_domain(self) -> str:
+        """The target domain's dataset."""
+        return self.target_dataset or self.dataset
+
+    @property
+    def on_disk(self) -> bool:
+        return self.dataset != "synthetic"
+
+
+class PrepareConfig(_Section):
+    """How ``prepare`` treats bad samples of a dataset on disk."""
+
+    on_bad_sample: Literal["error", "skip"] = Field(
+        "error",
+        description="error: stop naming the file and id; skip: count and log it, then go on.",
+    )
 
 
 class DMMIConfig(_Section):
@@ -581,6 +643,7 @@ class Params(_Section):
     seed: NonNegInt = 0
     runtime: RuntimeConfig
     data: DataConfig
+    prepare: PrepareConfig = PrepareConfig()
     model: ModelConfig
     pretrain: TrainConfig
     oracle: TrainConfig

@@ -45,9 +45,30 @@ def load_task_split(
     params: Params, data_dir: str | Path, domain: str, split: str, task: Task, vocab: Vocab
 ) -> SplitArrays:
     """One split as ``task`` reads it (one sample per image for the semantic task)."""
-    m = params.model
+    return _load(params, data_dir, domain, split, vocab, task.name, task.num_classes)
+
+
+def load_query_split(
+    params: Params, data_dir: str | Path, domain: str, split: str, vocab: Vocab
+) -> SplitArrays:
+    """One split as the referring task reads it (one sample per query), whatever
+    ``data.task``: for the SDA stages (semantics, masks) and their pictures."""
+    return _load(params, data_dir, domain, split, vocab, "referring", None)
+
+
+def _load(params, data_dir, domain, split, vocab, task_name, num_classes) -> SplitArrays:
+    m, d = params.model, params.data
     return load_split(
-        data_dir, domain, split, vocab, m.max_words, m.num_superpixels, task.name, task.num_classes
+        data_dir,
+        domain,
+        split,
+        vocab,
+        m.max_words,
+        m.num_superpixels,
+        task_name,
+        num_classes,
+        image_root=d.root,
+        size=d.image_size if d.on_disk else None,  # on disk: images of many sizes
     )
 
 

@@ -29,14 +29,14 @@ from components.adaptation.registry import METHODS
 from components.adaptation.sda.cfb import masked_mean
 from components.adaptation.sda.method import cells
 from components.config import Params
-from components.data.dataset import load_split, to_batch
+from components.data.dataset import to_batch
 from components.data.schema import shard_paths
 from components.data.vocab import Vocab
 from components.io import atomic_path
 from components.models.network import load_trained, save_trained
 from components.plots import reciprocal_masks, tsne_domains
 from components.runtime import init_ray
-from components.stage_io import load_masks, write_history
+from components.stage_io import load_masks, load_query_split, write_history
 from components.tracking import log_stage, stage_run
 from pipelines.common import repo_root
 
@@ -99,10 +99,10 @@ def figures(
 
     Visualisation only: the foreground of both domains is taken from the annotations here.
     """
-    mcfg = params.model
     vocab = Vocab.load(data_dir / "vocab.json")
-    args = (vocab, mcfg.max_words, mcfg.num_superpixels)
-    splits = {d: load_split(data_dir, d, "train", *args) for d in ("source", "target")}
+    splits = {
+        d: load_query_split(params, data_dir, d, "train", vocab) for d in ("source", "target")
+    }
     feats: dict[str, dict] = {}
     for name, folder in (("before", init), ("after", adapted)):
         model, _ = load_trained(folder)

@@ -28,14 +28,14 @@ from components.adaptation.sda.cam import (
     superpixel_refine,
 )
 from components.config import Params
-from components.data.dataset import SplitArrays, iterate_batches, load_split, to_batch
+from components.data.dataset import SplitArrays, iterate_batches, to_batch
 from components.data.schema import encode_rle, shard_paths
 from components.data.vocab import Vocab
 from components.io import atomic_path, write_json
 from components.metrics import referring_metrics
 from components.models.network import _unwrap, load_trained
 from components.runtime import init_ray
-from components.stage_io import load_labels
+from components.stage_io import load_labels, load_query_split
 from components.tracking import log_history, stage_run
 from pipelines.common import repo_root
 
@@ -105,9 +105,9 @@ def semantic_masks(model, data: SplitArrays, classes: np.ndarray, fg_threshold: 
 def run(
     params: Params, data_dir: Path, base: Path, semantics: Path, out: Path
 ) -> tuple[dict, list]:
-    mcfg, tcfg = params.model, params.masks
+    tcfg = params.masks
     vocab = Vocab.load(data_dir / "vocab.json")
-    target = load_split(data_dir, "target", "train", vocab, mcfg.max_words, mcfg.num_superpixels)
+    target = load_query_split(params, data_dir, "target", "train", vocab)
     cats, _ = load_labels(semantics, target)
     # contiguous class ids over the k_t + k_u target categories
     _, classes = np.unique(cats, return_inverse=True)

@@ -1,8 +1,11 @@
-"""Stage ``prepare``: generate the embedded cross-domain benchmark as Parquet shards.
+"""Stage ``prepare``: the embedded cross-domain benchmark, or a referring dataset on disk
+(``data.dataset``), as Parquet shards in the sample schema.
 
-Each shard (a contiguous range of sample indices of one domain/split) is one Ray task that
-renders its samples and computes their SLIC superpixels, so the work spreads over every core
+Each shard (a contiguous range of samples of one domain/split) is one Ray task that renders or
+converts its samples and computes their SLIC superpixels, so the work spreads over every core
 or cluster node. The driver writes shards into a temporary folder renamed into place at the end.
+A dataset on disk is converted resumably: shards land in ``.<out>.partial/`` as they finish and
+a re-run after a failure converts only the missing ones (same params and annotation files).
 
 Outputs (under ``--out``): ``<domain>/<split>/part-NNNNN.parquet`` in the sample schema,
 ``vocab.json`` (words of the *training* queries of both domains; target queries are unlabeled
@@ -13,21 +16,23 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from collections import Counter
 from pathlib import Path
 
 import mlflow
-import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import ray
-from skimage.segmentation import slic
 from tqdm import tqdm
 
 from components.config import DataConfig, Params
-from components.data.schema import SAMPLE_SCHEMA, encode_png, encode_rle, write_shard
+from components.data.convert import merge_summaries, sample_rows, shard_summary, superpixels
+from components.data.refer import refer_samples
+from components.data.schema import SAMPLE_SCHEMA, DataError, encode_png, encode_rle, write_shard
 from components.data.synthetic import CATEGORIES, generate_sample
 from components.data.vocab import Vocab
-from components.io import atomic_path, write_json
+from components.io import atomic_path, fingerprint, write_json
 from components.runtime import init_ray
 from components.stage_io import CLASSES_FILE
 from components.tracking import stage_run
@@ -42,18 +47,6 @@ SPLITS = [
     ("target", "val"),
     ("target", "test"),
 ]
-
-
-def superpixels(image: np.ndarray, cfg: DataConfig) -> np.ndarray:
-    """SLIC labels (H, W) uint8 starting at 0 (Achanta et al., via scikit-image)."""
-    labels = slic(
-        image,
-        n_segments=cfg.slic_segments,
-        compactness=cfg.slic_compactness,
-        start_label=0,
-        channel_axis=-1,
-    )
-    return np.minimum(labels, 255).astype(np.uint8)
 
 
 def make_rows(cfg: DataConfig, seed: int, domain: str, split: str, start: int, stop: int):
@@ -90,7 +83,9 @@ def _make_shard(cfg: DataConfig, seed: int, domain: str, split: str, start: int,
 
 
 def run(params: Params, out: Path) -> dict:
-    """Generate every split into ``out`` (atomically); returns the dataset statistics."""
+    """Generate (or convert) every split into ``out`` (atomically); returns the statistics."""
+    if params.data.on_disk:
+        return run_on_disk(params, out)
     cfg = params.data
     init_ray(params.runtime)
     jobs = {}
@@ -124,6 +119,124 @@ def run(params: Params, out: Path) -> dict:
     return stats
 
 
+@ray.remote(num_cpus=1)
+def _convert_shard(samples, domain: str, cfg: DataConfig, on_bad_sample: str):
+    table, skipped, error = sample_rows(samples, domain, cfg, Path(cfg.root), on_bad_sample)
+    return table, skipped, error, shard_summary(table)
+
+
+def run_on_disk(params: Params, out: Path) -> dict:
+    """Convert ``data.dataset`` (source) and ``data.target_domain`` (target) into ``out``.
+
+    Memory: the driver holds the refs and the annotation index of both datasets (about the
+    size of their annotation files) and at most ``2 x CPUs`` finished shards in flight; each
+    task one shard (see ``components.data.convert``), whatever the dataset's size.
+
+    Raises:
+        DataError: a missing root or file, or a bad sample under ``on_bad_sample: error``
+            (naming file and id).
+    """
+    cfg, on_bad = params.data, params.prepare.on_bad_sample
+    root = Path(cfg.root)
+    if not root.is_dir():
+        raise DataError(f"data.root {root}: no such folder")
+    domains = {
+        "source": (cfg.dataset, cfg.split_by, cfg.image_dir, ("train", "val")),
+        "target": (
+            cfg.target_domain,
+            cfg.target_split_by,
+            cfg.target_image_dir or cfg.image_dir,
+            ("train", "val", "test"),
+        ),
+    }
+    jobs, skipped, names, inputs = [], {}, None, []
+    for domain, (dataset, split_by, image_dir, splits) in domains.items():
+        skipped[domain] = {}
+        samples, inst = refer_samples(root, dataset, split_by, image_dir, skipped[domain], on_bad)
+        names = names or inst.names
+        inputs += sorted((root / dataset).glob("refs(*).p")) + [root / dataset / "instances.json"]
+        for split in splits:
+            rows = [s for s in samples if s.split == split]
+            if not rows:
+                raise DataError(f"{root / dataset}: no samples in the {split} split")
+            for part, start in enumerate(range(0, len(rows), cfg.shard_size)):
+                jobs.append((domain, split, part, rows[start : start + cfg.shard_size]))
+    key = fingerprint(
+        sorted(set(inputs)),
+        {"seed": params.seed, "data": cfg.model_dump(mode="json"), "on_bad": on_bad},
+    )
+    partial = out.parent / f".{out.name}.partial"
+    _reset_partial(partial, key)
+    init_ray(params.runtime)
+    pending, in_flight = [j for j in jobs if not _shard_file(partial, *j[:3]).is_file()], {}
+    if len(pending) < len(jobs):
+        log.info(
+            "prepare: resuming, %d of %d shards already converted",
+            len(jobs) - len(pending),
+            len(jobs),
+        )
+    window = max(2, 2 * int(ray.available_resources().get("CPU", 1)))
+    with tqdm(total=len(pending), desc="prepare: shards", unit="shard") as bar:
+        while pending or in_flight:
+            while pending and len(in_flight) < window:
+                job = pending.pop(0)
+                in_flight[_convert_shard.remote(job[3], job[0], cfg, on_bad)] = job
+            done, _ = ray.wait(list(in_flight), num_returns=1)
+            domain, split, part, _ = in_flight.pop(done[0])
+            table, shard_skips, error, summary = ray.get(done[0])
+            if error:
+                raise DataError(error)
+            path = _shard_file(partial, domain, split, part)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_path(path.with_suffix(".json")) as tmp:
+                tmp.write_text(json.dumps({"summary": summary, "skipped": shard_skips}) + "\n")
+            with atomic_path(path) as tmp:  # written last: its presence marks the shard done
+                write_shard(table, tmp)
+            bar.update(1)
+    return _finish_on_disk(partial, out, jobs, skipped, names)
+
+
+def _shard_file(partial: Path, domain: str, split: str, part: int) -> Path:
+    return partial / domain / split / f"part-{part:05d}.parquet"
+
+
+def _reset_partial(partial: Path, key: str) -> None:
+    """Keep a partial conversion made with the same inputs and params; drop any other."""
+    marker = partial / "KEY"
+    if partial.is_dir() and (not marker.is_file() or marker.read_text().strip() != key):
+        shutil.rmtree(partial)
+    partial.mkdir(parents=True, exist_ok=True)
+    marker.write_text(key + "\n")
+
+
+def _finish_on_disk(partial: Path, out: Path, jobs, skipped: dict, names: list[str]) -> dict:
+    """Vocab, classes, statistics; then the partial folder becomes ``out``."""
+    stats, train_queries = {}, []
+    splits = sorted({(d, s) for d, s, _, _ in jobs})
+    for domain, split in splits:
+        parts, skips = [], dict(skipped[domain]) if split == "train" else {}
+        for d, s, part, _ in jobs:
+            if (d, s) == (domain, split):
+                side = json.loads(_shard_file(partial, d, s, part).with_suffix(".json").read_text())
+                parts.append(side["summary"])
+                for k, v in side["skipped"].items():
+                    skips[k] = skips.get(k, 0) + v
+                if split == "train":
+                    shard = pq.read_table(_shard_file(partial, d, s, part), columns=["query"])
+                    train_queries += shard.column("query").to_pylist()
+        stats[f"{domain}_{split}"] = merge_summaries(parts, skips)
+    for side in partial.glob("*/*/*.json"):
+        side.unlink()
+    (partial / "KEY").unlink()
+    Vocab.build(train_queries).save(partial / "vocab.json")
+    (partial / CLASSES_FILE).write_text(json.dumps(["background", *names]) + "\n")
+    (partial / "stats.json").write_text(json.dumps(stats, indent=2, sort_keys=True) + "\n")
+    if out.is_dir():
+        shutil.rmtree(out)
+    partial.replace(out)
+    return stats
+
+
 def _accumulate(stats: dict, key: str, table: pa.Table) -> None:
     s = stats.setdefault(key, {"n": 0, "types": Counter(), "categories": Counter()})
     s["n"] += table.num_rows
@@ -141,12 +254,27 @@ def _finish(s: dict) -> dict:
     }
 
 
+def _metric(split: dict) -> dict:
+    """A split's DVC metrics: its size, and for a dataset on disk its summary's numbers."""
+    out = {"n": split["n"]}
+    if "images" in split:
+        out["images"] = split["images"]
+        out["expressions_per_image"] = split["expressions_per_image"]["mean"]
+        out.update({f"{k}_queries": v for k, v in split["query_types"].items()})
+        out["skipped"] = sum(split["skipped"].values())
+    return out
+
+
 def main(params: Params, out: str, metrics: str | None = None) -> None:
-    used = {"seed": params.seed, "data": params.data.model_dump(mode="json")}
+    used = {
+        "seed": params.seed,
+        "data": params.data.model_dump(mode="json"),
+        "prepare": params.prepare.model_dump(mode="json"),
+    }
     with stage_run("prepare", params.runtime, used, repo_root()):
         stats = run(params, Path(out))
         mlflow.log_metrics({f"n_{k}": v["n"] for k, v in stats.items()})
         mlflow.log_dict(stats, "stats.json")
     if metrics:
-        write_json(metrics, {k: {"n": v["n"]} for k, v in stats.items()})
+        write_json(metrics, {k: _metric(v) for k, v in stats.items()})
     log.info("prepared %d samples into %s", sum(v["n"] for v in stats.values()), out)

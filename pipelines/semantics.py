@@ -20,11 +20,12 @@ import torch
 
 from components.adaptation.sda import semantics as sem
 from components.config import Params
-from components.data.dataset import SplitArrays, load_split
+from components.data.dataset import SplitArrays
 from components.data.vocab import Vocab
 from components.io import atomic_path, write_json
 from components.models.network import load_trained
 from components.runtime import init_ray, node_cpus
+from components.stage_io import load_query_split
 from components.tracking import stage_run
 from pipelines.common import repo_root
 
@@ -38,10 +39,9 @@ def _semantics_task(model, source: SplitArrays, target: SplitArrays, params: Par
 
 
 def run(params: Params, data_dir: Path, model_dir: Path, out: Path) -> dict:
-    mcfg = params.model
     vocab = Vocab.load(data_dir / "vocab.json")
-    source = load_split(data_dir, "source", "train", vocab, mcfg.max_words, mcfg.num_superpixels)
-    target = load_split(data_dir, "target", "train", vocab, mcfg.max_words, mcfg.num_superpixels)
+    source = load_query_split(params, data_dir, "source", "train", vocab)
+    target = load_query_split(params, data_dir, "target", "train", vocab)
     model, _ = load_trained(model_dir)
     init_ray(params.runtime)
     # the free CPUs, as many as one node has: a task does not span nodes

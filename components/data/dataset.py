@@ -19,6 +19,7 @@ from components.data.vocab import Vocab
 LOAD_COLUMNS = [
     "sample_id",
     "image_png",
+    "image_path",
     "query",
     "query_type",
     "target_rle",
@@ -58,6 +59,8 @@ def load_split(
     num_superpixels: int,
     task: str = "referring",
     num_classes: int | None = None,
+    image_root: str | Path | None = None,
+    size: int | None = None,
 ) -> SplitArrays:
     """Read and validate ``<root>/<domain>/<split>/*.parquet``.
 
@@ -65,6 +68,8 @@ def load_split(
     sample per image (the first row of each ``image_id``), its semantic map as labels, no
     query; every class id must lie in ``[0, num_classes)`` or be the ignore index 255.
     Superpixel labels beyond ``num_superpixels - 1`` are merged into the last region slot.
+    Images kept on disk are read from ``image_root / image_path``; with ``size`` every sample
+    is brought to ``size`` x ``size`` (a dataset on disk has images of many sizes).
 
     Raises:
         DataError: naming the shard and sample id of any bad row.
@@ -80,7 +85,7 @@ def load_split(
                     continue
                 seen.add(row["image_id"])
             has_map = semantic or bool(row.get("semantic_png"))
-            dec = decode_sample(row, path, semantic_map=has_map, query=not semantic)
+            dec = decode_sample(row, path, has_map, not semantic, image_root=image_root, size=size)
             images.append(dec["image"])
             sps.append(np.minimum(dec["superpixels"].astype(np.int16), num_superpixels - 1))
             labels.append(dec.get("semantic"))

@@ -1,13 +1,17 @@
 """The sample schema shared by every stage (DESIGN.md, "Data contract").
 
-One row = one (image, query, mask) sample. Images and label maps are PNG bytes; masks are COCO
-RLE (``{"size": [h, w], "counts": str}``, pycocotools' compressed string). Every converter for a
-real dataset writes this schema; everything downstream reads only this schema.
+One row = one (image, query, mask) sample. Images and label maps are PNG bytes, or, for a
+dataset on disk, the image stays where it is and ``image_path`` names it (relative to
+``data.root``); masks are COCO RLE (``{"size": [h, w], "counts": str}``, pycocotools'
+compressed string) at the image's own size. Superpixels are computed at ``data.image_size``,
+the size every stage trains at; loading brings image and mask to that size. Every converter for
+a real dataset writes this schema; everything downstream reads only this schema.
 """
 
 from __future__ import annotations
 
 import io
+import re
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -27,7 +31,8 @@ SAMPLE_SCHEMA = pa.schema(
         ("split", pa.string()),  # "train" | "val" | "test"
         ("height", pa.int32()),
         ("width", pa.int32()),
-        ("image_png", pa.binary()),
+        ("image_png", pa.binary()),  # empty when the image is read from image_path
+        ("image_path", pa.string()),  # null for embedded images
         ("query", pa.string()),
         ("query_type", pa.string()),  # "one" | "many" | "zero"
         ("n_targets", pa.int32()),
@@ -52,6 +57,13 @@ PREDICTION_SCHEMA = pa.schema(
 
 class DataError(ValueError):
     """Bad input data; the message names the file and the sample id."""
+
+
+def skip_reason(err: DataError) -> str:
+    """The kind of a bad-sample error, for the skip counts: its last clause without ids or
+    details (``"annotation N is not in instances.json"``)."""
+    tail = str(err).rsplit(": ", 1)[-1].split(" (")[0]
+    return re.sub(r"\d+", "N", tail)
 
 
 # --------------------------------------------------------------------------- RLE
@@ -114,21 +126,54 @@ def read_shards(paths: Iterable[Path], columns: list[str] | None = None) -> pa.T
     return pa.concat_tables(tables)
 
 
+def read_image(path: Path) -> np.ndarray:
+    """An RGB uint8 image file (any format PIL reads)."""
+    with Image.open(path) as img:
+        return np.asarray(img.convert("RGB"))
+
+
+def resize(array: np.ndarray, size: int, nearest: bool) -> np.ndarray:
+    """(H, W[, 3]) -> (size, size[, 3]); nearest for labels and masks, bilinear for images."""
+    if array.shape[:2] == (size, size):
+        return array
+    mode = Image.NEAREST if nearest else Image.BILINEAR
+    was_bool = array.dtype == bool
+    out = np.asarray(Image.fromarray(array.astype(np.uint8)).resize((size, size), mode))
+    return out.astype(bool) if was_bool else out
+
+
 def decode_sample(
-    row: dict, source: str | Path, semantic_map: bool = False, query: bool = True
+    row: dict,
+    source: str | Path,
+    semantic_map: bool = False,
+    query: bool = True,
+    image_root: str | Path | None = None,
+    size: int | None = None,
 ) -> dict[str, np.ndarray]:
-    """Decode one row's image, target mask and superpixels (and its semantic map when
-    ``semantic_map``), validating them.
+    """Decode one row's image (embedded, or read from ``image_root / image_path``), target mask
+    and superpixels (and its semantic map when ``semantic_map``), validating them; with
+    ``size``, image, mask and map are brought to ``size`` x ``size`` (the superpixels must be
+    at the image's size or at ``size``).
 
     Raises:
-        DataError: naming ``source`` and the sample id for a corrupt image, a mask or label map
-            whose size differs from the image, or an empty query.
+        DataError: naming ``source`` and the sample id for a corrupt or missing image, a mask
+            or label map whose size differs from the image, or an empty query.
     """
     sid = row.get("sample_id", "<no sample_id>")
     where = f"{source}: sample {sid}"
     try:
-        image = decode_png(row["image_png"])
+        if row.get("image_png"):
+            image = decode_png(row["image_png"])
+        elif row.get("image_path"):
+            path = Path(image_root or ".") / row["image_path"]
+            if not path.is_file():
+                raise DataError(f"{where}: image file {path} not found")
+            image = read_image(path)
+        else:
+            raise DataError(f"{where}: neither image_png nor image_path")
     except (UnidentifiedImageError, OSError, ValueError, TypeError) as err:
+        if isinstance(err, DataError):
+            raise
         raise DataError(f"{where}: corrupt image ({err})") from None
     if image.ndim != 3 or image.shape[2] != 3:
         raise DataError(f"{where}: image must be RGB, got shape {image.shape}")
@@ -138,10 +183,16 @@ def decode_sample(
     mask = decode_rle(row["target_rle"])
     if mask.shape != (h, w):
         raise DataError(f"{where}: mask size {mask.shape} differs from image size {(h, w)}")
-    superpixels = _label_map(row, "superpixels", "superpixel", where, h, w)
+    sp_size = (size, size) if size and (size, size) != (h, w) else None
+    superpixels = _label_map(row, "superpixels", "superpixel", where, *(sp_size or (h, w)))
     out = {"image": image, "mask": mask, "superpixels": superpixels}
     if semantic_map:
         out["semantic"] = _label_map(row, "semantic", "semantic", where, h, w).astype(np.uint8)
+    if size:
+        out["image"] = resize(image, size, nearest=False)
+        out["mask"] = resize(mask, size, nearest=True)
+        if semantic_map:
+            out["semantic"] = resize(out["semantic"], size, nearest=True)
     return out
 
 
