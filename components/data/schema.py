@@ -161,19 +161,14 @@ def decode_sample(
     """
     sid = row.get("sample_id", "<no sample_id>")
     where = f"{source}: sample {sid}"
+    path = Path(image_root or ".") / row["image_path"] if row.get("image_path") else None
+    if not row.get("image_png") and path is None:
+        raise DataError(f"{where}: neither image_png nor image_path")
+    if not row.get("image_png") and not path.is_file():
+        raise DataError(f"{where}: image file {path} not found")
     try:
-        if row.get("image_png"):
-            image = decode_png(row["image_png"])
-        elif row.get("image_path"):
-            path = Path(image_root or ".") / row["image_path"]
-            if not path.is_file():
-                raise DataError(f"{where}: image file {path} not found")
-            image = read_image(path)
-        else:
-            raise DataError(f"{where}: neither image_png nor image_path")
+        image = decode_png(row["image_png"]) if row.get("image_png") else read_image(path)
     except (UnidentifiedImageError, OSError, ValueError, TypeError) as err:
-        if isinstance(err, DataError):
-            raise
         raise DataError(f"{where}: corrupt image ({err})") from None
     if image.ndim != 3 or image.shape[2] != 3:
         raise DataError(f"{where}: image must be RGB, got shape {image.shape}")
