@@ -97,6 +97,10 @@ class SplitSizes(_Section):
     target_test: PositiveInt = 500
 
 
+REFERRING_DATASETS = ("refcoco", "refcoco+", "refcocog", "refzom")
+SEMANTIC_DATASETS = ("gta5", "synthia", "cityscapes")
+
+
 class DataConfig(_Section):
     """The embedded cross-domain benchmark (``prepare`` stage) and the task trained on it."""
 
@@ -115,16 +119,18 @@ class DataConfig(_Section):
     )
     slic_compactness: Annotated[float, Field(gt=0)] = 10.0
     shard_size: PositiveInt = Field(500, description="Samples per Parquet shard.")
-    dataset: Literal["synthetic", "refcoco", "refcoco+", "refcocog", "refzom"] = Field(
+    dataset: Literal[("synthetic", *REFERRING_DATASETS, *SEMANTIC_DATASETS)] = Field(  # type: ignore[valid-type]
         "synthetic",
-        description="The source domain's dataset: the embedded benchmark, or a referring dataset "
-        "on disk under data.root (components.data.refer).",
+        description="The source domain's dataset: the embedded benchmark, or a dataset on disk "
+        "under data.root: referring (components.data.refer) or semantic (components.data."
+        "cityscapes).",
     )
-    target_dataset: Literal["refcoco", "refcoco+", "refcocog", "refzom"] | None = Field(
+    target_dataset: Literal[(*REFERRING_DATASETS, *SEMANTIC_DATASETS)] | None = Field(  # type: ignore[valid-type]
         None, description="The target domain's dataset on disk (null = data.dataset)."
     )
     root: str | None = Field(
-        None, description="Folder of the datasets on disk: <root>/<dataset>/refs(<split_by>).p."
+        None,
+        description="Folder of the datasets on disk: <root>/<dataset>/ in each release's layout.",
     )
     split_by: str | None = Field(None, description="Source split_by (null = dataset's usual).")
     target_split_by: str | None = Field(None, description="Target split_by (null = usual).")
@@ -154,8 +160,15 @@ class DataConfig(_Section):
 
         if not self.root:
             raise ValueError(f"root: data.dataset {self.dataset} needs the folder it lies in")
+        if self.dataset in SEMANTIC_DATASETS:
+            return self._semantic_pair()
         if self.task != "referring":
             raise ValueError(f"task: {self.dataset} is a referring dataset (no semantic maps)")
+        if self.target_domain in SEMANTIC_DATASETS:
+            raise ValueError(
+                f"target_dataset: {self.target_domain} is a semantic dataset; the source "
+                f"{self.dataset} is a referring one"
+            )
         for name, dataset, split_by in (
             ("split_by", self.dataset, self.split_by),
             ("target_split_by", self.target_domain, self.target_split_by),
@@ -164,6 +177,24 @@ class DataConfig(_Section):
                 split_by_of(dataset, split_by)
             except ValueError as err:
                 raise ValueError(f"{name}: {err}") from None
+        return self
+
+    def _semantic_pair(self) -> DataConfig:
+        if self.task != "semantic":
+            raise ValueError(f"task: {self.dataset} is a semantic dataset (no queries): 'semantic'")
+        if self.target_domain not in SEMANTIC_DATASETS:
+            raise ValueError(
+                f"target_dataset: {self.target_domain} is a referring dataset; the source "
+                f"{self.dataset} is a semantic one"
+            )
+        if self.target_domain in ("gta5", "synthia"):
+            raise ValueError(
+                f"target_dataset: {self.target_domain} ships no test split; the target of a "
+                "semantic pair is cityscapes"
+            )
+        for name in ("split_by", "target_split_by", "target_image_dir"):
+            if getattr(self, name) is not None:
+                raise ValueError(f"{name}: not used by the semantic datasets (leave it null)")
         return self
 
     @property

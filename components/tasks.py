@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from components.config import ModelConfig
+from components.data.cityscapes import MIOU13_CLASSES, SYNTHIA_CLASSES
 from components.data.dataset import IGNORE_INDEX, SplitArrays, iterate_batches, to_batch
 from components.data.synthetic import ENTITY_NOUNS
 from components.data.vocab import erasure_mask
@@ -248,6 +249,9 @@ class SemanticTask(Task):
         for k, v in out.items():
             if k.startswith("iou/"):
                 renamed[f"iou/{names[int(k[4:])]}"] = v
+        if tuple(names) == SYNTHIA_CLASSES:  # SYNTHIA -> Cityscapes also reports mIoU*
+            per_class = [renamed[f"iou/{c}"] for c in MIOU13_CLASSES if f"iou/{c}" in renamed]
+            renamed["miou13"] = float(np.mean(per_class)) if per_class else 0.0
         renamed["n"] = float(len(preds))
         return renamed
 

@@ -1,5 +1,6 @@
-"""Stage ``prepare``: the embedded cross-domain benchmark, or a referring dataset on disk
-(``data.dataset``), as Parquet shards in the sample schema.
+"""Stage ``prepare``: the embedded cross-domain benchmark, or a dataset pair on disk
+(``data.dataset`` -> ``data.target_dataset``: a referring pair such as RefCOCO -> RefCOCO+, or
+a semantic one such as GTA5 -> Cityscapes), as Parquet shards in the sample schema.
 
 Each shard (a contiguous range of samples of one domain/split) is one Ray task that renders or
 converts its samples and computes their SLIC superpixels, so the work spreads over every core
@@ -14,6 +15,7 @@ data the adaptation may read) and ``stats.json``.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import shutil
@@ -26,7 +28,8 @@ import pyarrow.parquet as pq
 import ray
 from tqdm import tqdm
 
-from components.config import DataConfig, Params
+from components.config import SEMANTIC_DATASETS, DataConfig, Params
+from components.data.cityscapes import classes_for, semantic_samples
 from components.data.convert import merge_summaries, sample_rows, shard_summary, superpixels
 from components.data.refer import refer_samples
 from components.data.schema import SAMPLE_SCHEMA, DataError, encode_png, encode_rle, write_shard
@@ -120,17 +123,37 @@ def run(params: Params, out: Path) -> dict:
 
 
 @ray.remote(num_cpus=1)
-def _convert_shard(samples, domain: str, cfg: DataConfig, on_bad_sample: str):
-    table, skipped, error = sample_rows(samples, domain, cfg, Path(cfg.root), on_bad_sample)
+def _convert_shard(samples, domain: str, cfg: DataConfig, on_bad_sample: str, classes: tuple):
+    root = Path(cfg.root)
+    table, skipped, error = sample_rows(samples, domain, cfg, root, on_bad_sample, classes)
     return table, skipped, error, shard_summary(table)
+
+
+def _dataset_samples(cfg: DataConfig, domain: str, skipped: dict, on_bad: str):
+    """``(samples, class names, annotation files, listing)`` of a domain's dataset on disk;
+    ``listing`` keys the resumable conversion where no annotation file lists the samples."""
+    root = Path(cfg.root)
+    if domain == "source":
+        dataset, split_by, image_dir = cfg.dataset, cfg.split_by, cfg.image_dir
+    else:
+        dataset, split_by = cfg.target_domain, cfg.target_split_by
+        image_dir = cfg.target_image_dir or cfg.image_dir
+    if dataset in SEMANTIC_DATASETS:
+        samples = semantic_samples(root, dataset, skipped, on_bad)
+        names = list(classes_for({cfg.dataset, cfg.target_domain}))
+        return samples, names, [], [(s.file, s.label) for s in samples]
+    samples, inst = refer_samples(root, dataset, split_by, image_dir, skipped, on_bad)
+    files = sorted((root / dataset).glob("refs(*).p")) + [root / dataset / "instances.json"]
+    return samples, ["background", *inst.names], files, []
 
 
 def run_on_disk(params: Params, out: Path) -> dict:
     """Convert ``data.dataset`` (source) and ``data.target_domain`` (target) into ``out``.
 
-    Memory: the driver holds the refs and the annotation index of both datasets (about the
-    size of their annotation files) and at most ``2 x CPUs`` finished shards in flight; each
-    task one shard (see ``components.data.convert``), whatever the dataset's size.
+    Memory: the driver holds the sample lists of both datasets (a referring one's refs and
+    annotation index, about the size of its annotation files; a semantic one's file names) and
+    at most ``2 x CPUs`` finished shards in flight; each task one shard (see
+    ``components.data.convert``), whatever the dataset's size.
 
     Raises:
         DataError: a missing root or file, or a bad sample under ``on_bad_sample: error``
@@ -140,30 +163,32 @@ def run_on_disk(params: Params, out: Path) -> dict:
     root = Path(cfg.root)
     if not root.is_dir():
         raise DataError(f"data.root {root}: no such folder")
-    domains = {
-        "source": (cfg.dataset, cfg.split_by, cfg.image_dir, ("train", "val")),
-        "target": (
-            cfg.target_domain,
-            cfg.target_split_by,
-            cfg.target_image_dir or cfg.image_dir,
-            ("train", "val", "test"),
-        ),
-    }
-    jobs, skipped, names, inputs = [], {}, None, []
-    for domain, (dataset, split_by, image_dir, splits) in domains.items():
+    domains = {"source": ("train", "val"), "target": ("train", "val", "test")}
+    jobs, skipped, inputs, listing, names = [], {}, [], [], None
+    for domain, splits in domains.items():
         skipped[domain] = {}
-        samples, inst = refer_samples(root, dataset, split_by, image_dir, skipped[domain], on_bad)
-        names = names or inst.names
-        inputs += sorted((root / dataset).glob("refs(*).p")) + [root / dataset / "instances.json"]
+        samples, classes, files, files_listed = _dataset_samples(
+            cfg, domain, skipped[domain], on_bad
+        )
+        names = names or classes  # the source's (a pair shares its classes)
+        inputs += files
+        listing += files_listed
+        dataset = cfg.dataset if domain == "source" else cfg.target_domain
         for split in splits:
             rows = [s for s in samples if s.split == split]
             if not rows:
                 raise DataError(f"{root / dataset}: no samples in the {split} split")
             for part, start in enumerate(range(0, len(rows), cfg.shard_size)):
                 jobs.append((domain, split, part, rows[start : start + cfg.shard_size]))
+    listed = hashlib.sha256(json.dumps(listing).encode()).hexdigest()
     key = fingerprint(
         sorted(set(inputs)),
-        {"seed": params.seed, "data": cfg.model_dump(mode="json"), "on_bad": on_bad},
+        {
+            "seed": params.seed,
+            "data": cfg.model_dump(mode="json"),
+            "on_bad": on_bad,
+            "files": listed,
+        },
     )
     partial = out.parent / f".{out.name}.partial"
     _reset_partial(partial, key)
@@ -180,7 +205,8 @@ def run_on_disk(params: Params, out: Path) -> dict:
         while pending or in_flight:
             while pending and len(in_flight) < window:
                 job = pending.pop(0)
-                in_flight[_convert_shard.remote(job[3], job[0], cfg, on_bad)] = job
+                ref = _convert_shard.remote(job[3], job[0], cfg, on_bad, tuple(names))
+                in_flight[ref] = job
             done, _ = ray.wait(list(in_flight), num_returns=1)
             domain, split, part, _ = in_flight.pop(done[0])
             table, shard_skips, error, summary = ray.get(done[0])
@@ -193,7 +219,7 @@ def run_on_disk(params: Params, out: Path) -> dict:
             with atomic_path(path) as tmp:  # written last: its presence marks the shard done
                 write_shard(table, tmp)
             bar.update(1)
-    return _finish_on_disk(partial, out, jobs, skipped, names)
+    return _finish_on_disk(partial, out, jobs, skipped, names, cfg.dataset in SEMANTIC_DATASETS)
 
 
 def _shard_file(partial: Path, domain: str, split: str, part: int) -> Path:
@@ -209,7 +235,9 @@ def _reset_partial(partial: Path, key: str) -> None:
     marker.write_text(key + "\n")
 
 
-def _finish_on_disk(partial: Path, out: Path, jobs, skipped: dict, names: list[str]) -> dict:
+def _finish_on_disk(
+    partial: Path, out: Path, jobs, skipped: dict, names: list[str], semantic: bool
+) -> dict:
     """Vocab, classes, statistics; then the partial folder becomes ``out``."""
     stats, train_queries = {}, []
     splits = sorted({(d, s) for d, s, _, _ in jobs})
@@ -224,12 +252,12 @@ def _finish_on_disk(partial: Path, out: Path, jobs, skipped: dict, names: list[s
                 if split == "train":
                     shard = pq.read_table(_shard_file(partial, d, s, part), columns=["query"])
                     train_queries += shard.column("query").to_pylist()
-        stats[f"{domain}_{split}"] = merge_summaries(parts, skips)
+        stats[f"{domain}_{split}"] = merge_summaries(parts, skips, names if semantic else None)
     for side in partial.glob("*/*/*.json"):
         side.unlink()
     (partial / "KEY").unlink()
     Vocab.build(train_queries).save(partial / "vocab.json")
-    (partial / CLASSES_FILE).write_text(json.dumps(["background", *names]) + "\n")
+    (partial / CLASSES_FILE).write_text(json.dumps(names) + "\n")
     (partial / "stats.json").write_text(json.dumps(stats, indent=2, sort_keys=True) + "\n")
     if out.is_dir():
         shutil.rmtree(out)

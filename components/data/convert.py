@@ -1,11 +1,14 @@
 """Rows of the sample schema from checked samples of a dataset on disk (one Ray task per shard
 in ``pipelines.prepare``), and the dataset summary.
 
-A shard's task decodes each referred object's mask (pycocotools, at the image's own size),
-reads the image to check its size against the annotation file and to compute its SLIC
+A referring shard's task decodes each referred object's mask (pycocotools, at the image's own
+size), reads the image to check its size against the annotation file and to compute its SLIC
 superpixels at ``data.image_size``, and keeps the image on disk by path unless
-``data.embed_images``. Memory of a task: one shard's rows (``data.shard_size`` samples, each an
-RLE string and a superpixel PNG of ``image_size``^2 pixels, plus one decoded image at a time).
+``data.embed_images``. A semantic shard's task (the Cityscapes family) reads each label file,
+maps its ids to the pair's class indices and stores that map as a PNG at the image's own size
+(the one thing converted, so it cannot stay by path). Memory of a task: one shard's rows
+(``data.shard_size`` samples, each an RLE string or a label PNG and a superpixel PNG of
+``image_size``^2 pixels) plus one decoded image and label at a time.
 """
 
 from __future__ import annotations
@@ -19,10 +22,12 @@ from pycocotools import mask as mask_utils
 from skimage.segmentation import slic
 
 from components.config import DataConfig
+from components.data.cityscapes import SemanticSample, read_label
 from components.data.refer import RefSample, annotation_rle
 from components.data.schema import (
     SAMPLE_SCHEMA,
     DataError,
+    decode_png,
     decode_rle,
     encode_png,
     read_image,
@@ -61,21 +66,25 @@ def union_rle(rles: list[dict], height: int, width: int) -> dict:
 
 
 def sample_rows(
-    samples: list[RefSample],
+    samples: list[RefSample] | list[SemanticSample],
     domain: str,
     cfg: DataConfig,
     root: Path,
     on_bad_sample: str,
+    classes: tuple[str, ...] = (),
 ) -> tuple[pa.Table, dict[str, int], str | None]:
     """One shard: ``(table, skipped reasons -> counts, error)``; ``error`` (a message naming
     file and sample id) is set, and the table empty, when a bad sample meets
-    ``on_bad_sample="error"``."""
+    ``on_bad_sample="error"``. ``classes``: a semantic dataset's class list."""
     rows, skipped = [], Counter()
     image_cache: dict[str, tuple] = {}  # the consecutive sentences of a ref share an image
     mask_cache: dict[tuple, dict] = {}
     for s in samples:
         try:
-            rows.append(_row(s, domain, cfg, root, image_cache, mask_cache))
+            if isinstance(s, SemanticSample):
+                rows.append(_semantic_row(s, domain, cfg, root, classes))
+            else:
+                rows.append(_row(s, domain, cfg, root, image_cache, mask_cache))
         except DataError as err:
             if on_bad_sample == "error":
                 return pa.Table.from_pylist([], schema=SAMPLE_SCHEMA), {}, str(err)
@@ -83,16 +92,53 @@ def sample_rows(
     return pa.Table.from_pylist(rows, schema=SAMPLE_SCHEMA), dict(skipped), None
 
 
+def _read_checked(s: RefSample | SemanticSample, root: Path) -> np.ndarray:
+    path = Path(root) / s.file
+    if not path.is_file():
+        raise DataError(f"{s.where}: {path}: image file not found")
+    try:
+        return read_image(path)
+    except OSError as err:
+        raise DataError(f"{s.where}: {path}: corrupt image ({err})") from None
+
+
+def _semantic_row(s: SemanticSample, domain, cfg: DataConfig, root: Path, classes) -> dict:
+    image = _read_checked(s, root)
+    h, w = image.shape[:2]
+    label = read_label(s, root, classes)
+    if label.shape != (h, w):
+        raise DataError(
+            f"{s.where}: {Path(root) / s.label}: label size {label.shape[1]}x{label.shape[0]} "
+            f"differs from the image's {w}x{h}"
+        )
+    small = resize(image, cfg.image_size, nearest=False)
+    present = np.unique(label)
+    return {
+        "sample_id": s.sample_id,
+        "image_id": s.sample_id,
+        "domain": domain,
+        "split": s.split,
+        "height": h,
+        "width": w,
+        "image_png": encode_png(image) if cfg.embed_images else b"",
+        "image_path": None if cfg.embed_images else s.file,
+        "query": "",
+        "query_type": "none",
+        "n_targets": 0,
+        "target_rle": union_rle([], h, w),
+        "target_categories": [],
+        "semantic_png": encode_png(label),
+        "instance_rles": [],
+        "instance_categories": [int(c) for c in present if c != 255],
+        "superpixels_png": encode_png(superpixels(small, cfg)),
+    }
+
+
 def _row(s: RefSample, domain, cfg: DataConfig, root: Path, image_cache, mask_cache) -> dict:
     if s.file not in image_cache:
         image_cache.clear()
+        image = _read_checked(s, root)
         path = Path(root) / s.file
-        if not path.is_file():
-            raise DataError(f"{s.where}: {path}: image file not found")
-        try:
-            image = read_image(path)
-        except OSError as err:
-            raise DataError(f"{s.where}: {path}: corrupt image ({err})") from None
         if image.shape[:2] != (s.height, s.width):
             raise DataError(
                 f"{s.where}: {path}: image size differs from the annotation file's "
@@ -140,28 +186,46 @@ def shard_summary(table: pa.Table) -> dict:
         share = float(decode_rle(rle).mean())
         areas[0 if share == 0 else int(np.searchsorted(AREA_BINS, share))] += 1
     cats = Counter(c for cs in table.column("target_categories").to_pylist() for c in cs)
+    pixels = np.zeros(256, dtype=np.int64)  # per class index of a semantic map (255: ignore)
+    for data in table.column("semantic_png").to_pylist():
+        if data:
+            pixels += np.bincount(decode_png(data).ravel(), minlength=256)
     return {
         "n": table.num_rows,
         "query_types": dict(types),
         "expressions_per_image": {k: v for k, v in per_image.items()},
         "mask_area": areas.tolist(),
         "categories": {str(k): v for k, v in cats.items()},
+        "class_pixels": {str(k): int(v) for k, v in enumerate(pixels) if v},
     }
 
 
-def merge_summaries(parts: list[dict], skipped: dict[str, int]) -> dict:
-    """One split's summary from its shards' (an image's expressions may span shards)."""
-    types, per_image, cats = Counter(), Counter(), Counter()
+def merge_summaries(
+    parts: list[dict], skipped: dict[str, int], classes: list[str] | None = None
+) -> dict:
+    """One split's summary from its shards' (an image's expressions may span shards);
+    ``classes`` names a semantic dataset's class indices for its pixel shares."""
+    types, per_image, cats, pixels = Counter(), Counter(), Counter(), Counter()
     areas = np.zeros(len(AREA_BINS), dtype=np.int64)
     for p in parts:
         types.update(p["query_types"])
         per_image.update(p["expressions_per_image"])
         cats.update(p["categories"])
+        pixels.update(p.get("class_pixels", {}))
         areas += np.asarray(p["mask_area"])
     n = sum(p["n"] for p in parts)
     counts = list(per_image.values()) or [0]
     labels = ["empty"] + [f"<={hi:g}" for hi in AREA_BINS[1:]]
     total_cats = max(1, sum(cats.values()))
+    labeled = max(1, sum(v for k, v in pixels.items() if k != "255"))
+    semantic = {}
+    if pixels:  # share of the labeled pixels per class; ignored pixels as a share of all
+        semantic["class_pixel_share"] = {
+            (classes[int(k)] if classes and int(k) < len(classes) else k): v / labeled
+            for k, v in sorted(pixels.items(), key=lambda x: int(x[0]))
+            if k != "255"
+        }
+        semantic["ignored_pixel_share"] = pixels.get("255", 0) / max(1, sum(pixels.values()))
     return {
         "n": n,
         "images": len(per_image),
@@ -171,5 +235,6 @@ def merge_summaries(parts: list[dict], skipped: dict[str, int]) -> dict:
         "category_freq": {
             k: v / total_cats for k, v in sorted(cats.items(), key=lambda x: int(x[0]))
         },
+        **semantic,
         "skipped": dict(sorted(skipped.items())),
     }
