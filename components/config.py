@@ -267,7 +267,12 @@ class ModelConfig(_Section):
     )
     backbone: Literal["convnet", "resnet18", "resnet34", "resnet50", "resnet101"] = "convnet"
     backbone_weights: str | None = Field(
-        None, description="Local state_dict file for a resnet backbone (no downloads)."
+        None,
+        description="ImageNet weights of a resnet backbone: a local state dict with torchvision's "
+        "keys (null = look in torch's hub cache; none found is an error).",
+    )
+    backbone_pretrained: bool = Field(
+        True, description="false: a resnet backbone starts from a random init, on purpose."
     )
     widths: list[PositiveInt] = Field(
         default_factory=lambda: [16, 32, 64, 96], description="convnet stage widths."

@@ -24,6 +24,7 @@ from components.data.vocab import Vocab
 from components.io import atomic_path
 from components.models.network import _unwrap, save_trained
 from components.models.text import load_glove
+from components.models.visual import imagenet_state, load_backbone
 from components.runtime import init_ray
 from components.stage_io import load_task_split, task_of, write_history
 from components.tasks import Task
@@ -46,6 +47,9 @@ class SupervisedInputs:
     embeddings: torch.Tensor | None
     train_ref: ray.ObjectRef  # SplitArrays of the domain's train split
     val_ref: ray.ObjectRef  # ... and its val split
+    # ImageNet weights of a resnet backbone, read and checked on the driver (so the workers
+    # of a cluster need no copy of the file); None for the convnet or a random init
+    backbone_ref: ray.ObjectRef | None = None
 
 
 def setup_supervised(spec: train_loop.PhaseSpec) -> train_loop.Phase:
@@ -55,6 +59,8 @@ def setup_supervised(spec: train_loop.PhaseSpec) -> train_loop.Phase:
     task = inp.task
     train, val = ray.get(inp.train_ref), ray.get(inp.val_ref)
     model = task.build_network(inp.vocab_size, inp.embeddings)
+    if inp.backbone_ref is not None:
+        load_backbone(model, ray.get(inp.backbone_ref))
     w = train_loop.prepare_worker(spec, model, len(train), tcfg)
     model, device, rank, world, indices = w.model, w.device, w.rank, w.world, w.indices
     steps, opt, sched = w.steps, w.optimizer, w.scheduler
@@ -104,6 +110,7 @@ def run(params: Params, phase: str, data_dir: Path, out_dir: Path) -> dict:
     domain = PHASES[phase]
     tcfg = getattr(params, phase)
     mcfg = params.model
+    backbone = imagenet_state(mcfg)  # first: a missing weights file fails at once
     task = task_of(params, data_dir)
     vocab = Vocab.load(data_dir / "vocab.json")
     train = load_task_split(params, data_dir, domain, "train", task, vocab)
@@ -112,7 +119,14 @@ def run(params: Params, phase: str, data_dir: Path, out_dir: Path) -> dict:
     if mcfg.embeddings == "glove" and task.name == "referring":
         embeddings = load_glove(mcfg.glove_path, vocab, mcfg.embed_dim, params.seed)
     init_ray(params.runtime)
-    inputs = SupervisedInputs(task, len(vocab), embeddings, ray.put(train), ray.put(val))
+    inputs = SupervisedInputs(
+        task,
+        len(vocab),
+        embeddings,
+        ray.put(train),
+        ray.put(val),
+        None if backbone is None else ray.put(backbone),
+    )
     state = train_loop.fit(
         params,
         phase,

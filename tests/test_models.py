@@ -125,12 +125,3 @@ def test_glove_loader(tmp_path):
         load_glove(path, vocab, 3)
     model = build_model(CFG.model_copy(update={"embed_dim": 3}), len(vocab), table)
     assert torch.equal(model.query.embed.weight.data, table)
-
-
-def test_resnet_backbone_without_torchvision_is_a_clear_error():
-    import importlib.util
-
-    if importlib.util.find_spec("torchvision") is not None:
-        pytest.skip("torchvision is installed")
-    with pytest.raises(ImportError, match="needs torchvision"):
-        build_model(CFG.model_copy(update={"backbone": "resnet18"}), 20)

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
-
 import torch
 from torch import nn
+
+from components.models.resnet import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    ResNet,
+    find_weights,
+    load_imagenet,
+)
 
 
 def _norm(c: int) -> nn.GroupNorm:
@@ -62,39 +68,66 @@ class ConvEncoder(nn.Module):
 
 
 class ResNetEncoder(nn.Module):
-    """torchvision ResNet (layer1..layer4), when torchvision is installed."""
+    """A ResNet body (``components.models.resnet``, torchvision's keys) giving layer1..layer4,
+    with ImageNet weights unless ``pretrained`` is false."""
 
-    def __init__(self, name: str, weights_path: str | None = None):
+    def __init__(self, name: str, pretrained: bool = True):
         super().__init__()
-        if importlib.util.find_spec("torchvision") is None:
-            raise ImportError(
-                f"model.backbone={name!r} needs torchvision; install it or use 'convnet'"
-            )
-        from torchvision import models
-
-        net = getattr(models, name)(weights=None)
-        if weights_path:
-            net.load_state_dict(torch.load(weights_path, map_location="cpu", weights_only=True))
-        self.stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
-        self.layers = nn.ModuleList([net.layer1, net.layer2, net.layer3, net.layer4])
-        with torch.no_grad():
-            self.out_channels = [f.shape[1] for f in self.forward(torch.zeros(1, 3, 64, 64))]
+        self.net = ResNet(name, frozen_bn=pretrained)
+        if pretrained:  # the weights come with load_backbone (a fresh network only)
+            mean, std = torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD)
+        else:
+            mean, std = torch.full((3,), 0.5), torch.full((3,), 0.25)
+        # the pipeline feeds (x - 0.5) / 0.25; ImageNet weights expect (x - mean) / std
+        self.register_buffer("scale", (0.25 / std)[None, :, None, None], persistent=False)
+        self.register_buffer("shift", ((0.5 - mean) / std)[None, :, None, None], persistent=False)
+        self.out_channels = list(self.net.out_channels)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        x = self.stem(x)
         feats = []
-        for layer in self.layers:
-            x = layer(x)
+        for block in self.blocks():
+            x = block(x)
             feats.append(x)
         return feats
 
-    def blocks(self) -> list[nn.Module]:
-        """The stages in order (the stem runs with layer1), as ``ConvEncoder.blocks``."""
-        return [nn.Sequential(self.stem, self.layers[0]), *self.layers[1:]]
+    def layers(self) -> list[nn.Module]:
+        return [self.net.layer1, self.net.layer2, self.net.layer3, self.net.layer4]
+
+    def blocks(self) -> list:
+        """The stages in order as callables (normalisation and stem run with layer1), as
+        ``ConvEncoder.blocks``."""
+        return [self._first_stage, *self.layers()[1:]]
+
+    def _first_stage(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net.layer1(self.net.stem(x * self.scale + self.shift))
 
 
 def build_visual(cfg) -> nn.Module:
-    """The visual encoder of ``model.backbone`` (a ``ModelConfig``)."""
+    """The visual encoder of ``model.backbone`` (a ``ModelConfig``), without pretrained
+    weights: a trained network is rebuilt and then loaded whole, so only the phase that starts
+    from scratch reads the ImageNet file (:func:`imagenet_state`, :func:`load_backbone`)."""
     if cfg.backbone == "convnet":
         return ConvEncoder(cfg.widths)
-    return ResNetEncoder(cfg.backbone, cfg.backbone_weights)
+    return ResNetEncoder(cfg.backbone, cfg.backbone_pretrained)
+
+
+def imagenet_state(cfg) -> dict[str, torch.Tensor] | None:
+    """The checked ImageNet weights of ``cfg.backbone`` (``ResNet`` keys), or None for the
+    convnet or ``backbone_pretrained: false``.
+
+    Raises:
+        ParamsError: no weight file, or one of another network (naming the field).
+    """
+    if cfg.backbone == "convnet" or not cfg.backbone_pretrained:
+        return None
+    net = ResNet(cfg.backbone, frozen_bn=True)
+    load_imagenet(net, find_weights(cfg.backbone, cfg.backbone_weights))
+    return net.state_dict()
+
+
+def load_backbone(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Put :func:`imagenet_state`'s weights into a fresh network's ResNet backbone."""
+    visual = getattr(model, "visual", None)
+    if not isinstance(visual, ResNetEncoder):
+        raise ValueError("backbone weights given for a network without a ResNet backbone")
+    visual.net.load_state_dict(state)
