@@ -97,7 +97,8 @@ class SplitSizes(_Section):
     target_test: PositiveInt = 500
 
 
-REFERRING_DATASETS = ("refcoco", "refcoco+", "refcocog", "refzom")
+REFERRING_DATASETS = ("refcoco", "refcoco+", "refcocog", "refzom", "a2d", "jhmdb")
+VIDEO_DATASETS = ("a2d", "jhmdb")
 SEMANTIC_DATASETS = ("gta5", "synthia", "cityscapes")
 
 
@@ -143,6 +144,11 @@ class DataConfig(_Section):
         False,
         description="Copy each image's PNG into the shards; false keeps images on disk by path.",
     )
+    clip_frames: NonNegInt = Field(
+        8,
+        description="Video datasets: paths of this many frames around an annotated one are "
+        "stored for a clip encoder (SDA: 8; 0 = none).",
+    )
 
     @model_validator(mode="after")
     def _objects_range(self) -> DataConfig:
@@ -173,6 +179,10 @@ class DataConfig(_Section):
             ("split_by", self.dataset, self.split_by),
             ("target_split_by", self.target_domain, self.target_split_by),
         ):
+            if dataset in VIDEO_DATASETS:
+                if split_by is not None:
+                    raise ValueError(f"{name}: {dataset} has no split_by (leave it null)")
+                continue
             try:
                 split_by_of(dataset, split_by)
             except ValueError as err:

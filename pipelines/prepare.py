@@ -28,12 +28,13 @@ import pyarrow.parquet as pq
 import ray
 from tqdm import tqdm
 
-from components.config import SEMANTIC_DATASETS, DataConfig, Params
+from components.config import SEMANTIC_DATASETS, VIDEO_DATASETS, DataConfig, Params
 from components.data.cityscapes import classes_for, semantic_samples
 from components.data.convert import merge_summaries, sample_rows, shard_summary, superpixels
 from components.data.refer import refer_samples
 from components.data.schema import SAMPLE_SCHEMA, DataError, encode_png, encode_rle, write_shard
 from components.data.synthetic import CATEGORIES, generate_sample
+from components.data.video import a2d_samples, jhmdb_samples
 from components.data.vocab import Vocab
 from components.io import atomic_path, fingerprint, write_json
 from components.runtime import init_ray
@@ -142,6 +143,14 @@ def _dataset_samples(cfg: DataConfig, domain: str, skipped: dict, on_bad: str):
         samples = semantic_samples(root, dataset, skipped, on_bad)
         names = list(classes_for({cfg.dataset, cfg.target_domain}))
         return samples, names, [], [(s.file, s.label) for s in samples]
+    if dataset in VIDEO_DATASETS:
+        reader = a2d_samples if dataset == "a2d" else jhmdb_samples
+        samples = reader(root, cfg.clip_frames, skipped)
+        folder = root / dataset
+        files = [folder / "Release/videoset.csv", folder / "text_annotations/a2d_annotation.txt"]
+        if dataset == "jhmdb":
+            files = [folder / "jhmdb_annotation.txt"]
+        return samples, ["background"], files, [(s.file, s.mask_file) for s in samples]
     samples, inst = refer_samples(root, dataset, split_by, image_dir, skipped, on_bad)
     files = sorted((root / dataset).glob("refs(*).p")) + [root / dataset / "instances.json"]
     return samples, ["background", *inst.names], files, []

@@ -30,10 +30,12 @@ from components.data.schema import (
     decode_png,
     decode_rle,
     encode_png,
+    encode_rle,
     read_image,
     resize,
     skip_reason,
 )
+from components.data.video import VideoSample, video_mask
 
 #: upper edges of the mask-area histogram (share of the image the referred mask covers)
 AREA_BINS = (0.0, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0)
@@ -66,7 +68,7 @@ def union_rle(rles: list[dict], height: int, width: int) -> dict:
 
 
 def sample_rows(
-    samples: list[RefSample] | list[SemanticSample],
+    samples: list[RefSample] | list[SemanticSample] | list[VideoSample],
     domain: str,
     cfg: DataConfig,
     root: Path,
@@ -83,6 +85,8 @@ def sample_rows(
         try:
             if isinstance(s, SemanticSample):
                 rows.append(_semantic_row(s, domain, cfg, root, classes))
+            elif isinstance(s, VideoSample):
+                rows.append(_video_row(s, domain, cfg, root, image_cache))
             else:
                 rows.append(_row(s, domain, cfg, root, image_cache, mask_cache))
         except DataError as err:
@@ -92,7 +96,7 @@ def sample_rows(
     return pa.Table.from_pylist(rows, schema=SAMPLE_SCHEMA), dict(skipped), None
 
 
-def _read_checked(s: RefSample | SemanticSample, root: Path) -> np.ndarray:
+def _read_checked(s: RefSample | SemanticSample | VideoSample, root: Path) -> np.ndarray:
     path = Path(root) / s.file
     if not path.is_file():
         raise DataError(f"{s.where}: {path}: image file not found")
@@ -131,6 +135,44 @@ def _semantic_row(s: SemanticSample, domain, cfg: DataConfig, root: Path, classe
         "instance_rles": [],
         "instance_categories": [int(c) for c in present if c != 255],
         "superpixels_png": encode_png(superpixels(small, cfg)),
+    }
+
+
+def _video_row(s: VideoSample, domain, cfg: DataConfig, root: Path, image_cache) -> dict:
+    """A video frame: its queries share the frame's read and superpixels."""
+    if s.file not in image_cache:
+        image_cache.clear()
+        image = _read_checked(s, root)
+        small = resize(image, cfg.image_size, nearest=False)
+        png = encode_png(image) if cfg.embed_images else b""
+        image_cache[s.file] = (png, encode_png(superpixels(small, cfg)), image.shape[:2])
+    png, sp_png, (h, w) = image_cache[s.file]
+    mask = video_mask(s, root)
+    if mask.shape != (h, w):
+        raise DataError(
+            f"{s.where}: {Path(root) / s.mask_file}: mask size {mask.shape[1]}x{mask.shape[0]} "
+            f"differs from the frame's {w}x{h}"
+        )
+    n = int(mask.any())
+    return {
+        "sample_id": s.sample_id,
+        "image_id": s.image_id,
+        "domain": domain,
+        "split": s.split,
+        "height": h,
+        "width": w,
+        "image_png": png,
+        "image_path": None if cfg.embed_images else s.file,
+        "query": s.query,
+        "query_type": "one" if n else "zero",
+        "n_targets": n,
+        "target_rle": encode_rle(mask),
+        "target_categories": [],
+        "semantic_png": b"",
+        "instance_rles": [],
+        "instance_categories": [],
+        "superpixels_png": sp_png,
+        "clip_paths": list(s.clip),
     }
 
 

@@ -34,7 +34,7 @@ SAMPLE_SCHEMA = pa.schema(
         ("image_png", pa.binary()),  # empty when the image is read from image_path
         ("image_path", pa.string()),  # null for embedded images
         ("query", pa.string()),
-        ("query_type", pa.string()),  # "one" | "many" | "zero"
+        ("query_type", pa.string()),  # "one" | "many" | "zero"; "none" for a semantic dataset
         ("n_targets", pa.int32()),
         ("target_rle", RLE_TYPE),  # union of the referred objects; empty for "zero"
         ("target_categories", pa.list_(pa.int32())),  # category ids (1..K) of referred objects
@@ -42,6 +42,7 @@ SAMPLE_SCHEMA = pa.schema(
         ("instance_rles", pa.list_(RLE_TYPE)),
         ("instance_categories", pa.list_(pa.int32())),
         ("superpixels_png", pa.binary()),  # uint8 SLIC labels, 0..N_r-1
+        ("clip_paths", pa.list_(pa.string())),  # a video frame's neighbours (null: an image)
     ]
 )
 
