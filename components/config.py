@@ -289,8 +289,17 @@ class ModelConfig(_Section):
     )
     hidden: PositiveInt = Field(64, description="Hidden size C of interaction / decoder.")
     embed_dim: PositiveInt = Field(64, description="Word embedding size of W.")
-    embeddings: Literal["learned", "glove"] = "learned"
+    embeddings: Literal["learned", "glove", "transformer"] = Field(
+        "learned",
+        description="Word embeddings W: learned from scratch, GloVe (glove_path) or a BERT-family "
+        "encoder's static word vectors (text_model_path).",
+    )
     glove_path: str | None = None
+    text_model_path: str | None = Field(
+        None,
+        description="Local directory of a BERT-family encoder (Hugging Face layout), read "
+        "offline; its hidden size must equal embed_dim.",
+    )
     max_words: Annotated[int, Field(ge=2, le=64)] = 12
     scales: Annotated[int, Field(ge=1, le=4)] = Field(3, description="N_m (paper: 3 for images).")
     num_superpixels: Annotated[int, Field(ge=1, le=256)] = Field(
@@ -306,6 +315,8 @@ class ModelConfig(_Section):
             raise ValueError(f"widths needs at least `scales` ({self.scales}) entries")
         if self.embeddings == "glove" and not self.glove_path:
             raise ValueError("glove_path is required when embeddings is 'glove'")
+        if self.embeddings == "transformer" and not self.text_model_path:
+            raise ValueError("text_model_path is required when embeddings is 'transformer'")
         if self.arch == "dmmi" and self.hidden % self.dmmi.ccr_heads:
             raise ValueError(
                 f"dmmi.ccr_heads ({self.dmmi.ccr_heads}) must divide hidden ({self.hidden})"

@@ -23,7 +23,7 @@ from components.data.schema import shard_paths
 from components.data.vocab import Vocab
 from components.io import atomic_path
 from components.models.network import _unwrap, save_trained
-from components.models.text import load_glove
+from components.models.text import load_glove, load_transformer_embeddings
 from components.models.visual import imagenet_state, load_backbone
 from components.runtime import init_ray
 from components.stage_io import load_task_split, task_of, write_history
@@ -118,6 +118,8 @@ def run(params: Params, phase: str, data_dir: Path, out_dir: Path) -> dict:
     embeddings = None
     if mcfg.embeddings == "glove" and task.name == "referring":
         embeddings = load_glove(mcfg.glove_path, vocab, mcfg.embed_dim, params.seed)
+    elif mcfg.embeddings == "transformer" and task.name == "referring":
+        embeddings = load_transformer_embeddings(mcfg.text_model_path, vocab, mcfg.embed_dim)
     init_ray(params.runtime)
     inputs = SupervisedInputs(
         task,

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
+from components.config import ParamsError
 from components.data.vocab import Vocab
 
 
@@ -37,6 +38,51 @@ def load_glove(path: str | Path, vocab: Vocab, dim: int, seed: int = 0) -> torch
     if found == 0:
         raise ValueError(f"{path}: no word of the vocabulary was found")
     return torch.from_numpy(table)
+
+
+def load_transformer_embeddings(
+    path: str | Path, vocab: Vocab, dim: int, batch_size: int = 256
+) -> torch.Tensor:
+    """Embedding matrix (len(vocab), dim) from a BERT-family encoder in a local directory
+    (Hugging Face layout: ``config.json``, weights, tokenizer files), read offline.
+
+    Each vocabulary word is encoded alone (``[CLS] word [SEP]``) and the last hidden states of
+    its sub-word tokens are averaged: a static vector per word, so the rest of the network
+    (Bi-GRU, CSM's content vectors) is unchanged and words seen only in target queries get a
+    meaningful vector instead of a random one. ``<pad>`` is zero; ``<unk>`` is the mean word.
+
+    Raises:
+        ParamsError: naming the field: the directory is missing or not a model, or the
+            encoder's hidden size is not ``model.embed_dim``.
+    """
+    from transformers import AutoModel, AutoTokenizer
+
+    folder = Path(path)
+    if not (folder / "config.json").is_file():
+        raise ParamsError(f"model.text_model_path: {folder} holds no config.json (a local model)")
+    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    encoder = AutoModel.from_pretrained(folder, local_files_only=True).eval()
+    hidden = encoder.config.hidden_size
+    if hidden != dim:
+        raise ParamsError(
+            f"model.embed_dim: {dim}, but the encoder in {folder} has hidden size {hidden}"
+        )
+    words = vocab.itos[2:]
+    table = torch.zeros(len(vocab), dim)
+    with torch.no_grad():
+        for start in range(0, len(words), batch_size):
+            chunk = words[start : start + batch_size]
+            enc = tokenizer(
+                chunk, padding=True, return_tensors="pt", return_special_tokens_mask=True
+            )
+            special = enc.pop("special_tokens_mask")
+            states = encoder(**enc).last_hidden_state  # (B, T, dim)
+            keep = (enc["attention_mask"] * (1 - special)).unsqueeze(-1).float()  # (B, T, 1)
+            vecs = (states * keep).sum(1) / keep.sum(1).clamp_min(1.0)
+            table[2 + start : 2 + start + len(chunk)] = vecs
+    if words:
+        table[1] = table[2:].mean(0)  # <unk>
+    return table
 
 
 class QueryEncoder(nn.Module):
