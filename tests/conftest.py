@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import os
 import shutil
 import signal
@@ -115,6 +116,21 @@ def run_in(repo: Path, *cmd: str, check=True, timeout=900) -> subprocess.Complet
             f"{' '.join(cmd)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
         )
     return proc
+
+
+def one_epoch(repo: Path, raw: dict, evaluate: bool = False) -> dict:
+    """``adaseg prepare`` then one epoch of ``pretrain`` (and ``evaluate``) in ``repo`` with the
+    params ``raw``, as a user runs them; returns each stage's metrics by stage name."""
+    raw["pretrain"]["epochs"] = 1
+    (repo / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    cli = ["python", "-m", "pipelines.cli"]
+    run_in(repo, *cli, "prepare", "--out", "prep", "--metrics", "m/prepare.json")
+    run_in(repo, *cli, "pretrain", "--data", "prep", "--out", "model",
+           "--metrics", "m/pretrain.json", "--plots", "p.csv")  # fmt: skip
+    if evaluate:
+        run_in(repo, *cli, "evaluate", "--data", "prep", "--models", "model", "--metrics",
+               "m/evaluate.json", "--predictions", "pred", "--overlays", "ov")  # fmt: skip
+    return {p.stem: json.loads(p.read_text()) for p in (repo / "m").glob("*.json")}
 
 
 @pytest.fixture(scope="session")

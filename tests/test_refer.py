@@ -10,12 +10,11 @@ import pickle
 import numpy as np
 import pandas as pd
 import pytest
-import yaml
 
 from components.config import parse_params
 from components.data.refer import annotation_rle, load_refs, refer_samples
 from components.data.schema import DataError, decode_rle
-from tests.conftest import run_in, tiny_params
+from tests.conftest import one_epoch, tiny_params
 from tests.refer_fixtures import (
     IMAGE_DIR,
     file_name,
@@ -206,15 +205,7 @@ def test_one_epoch_pipeline_on_a_refcoco_to_refcoco_plus_pair(tmp_path):
         {"dataset": "refcoco", "target_dataset": "refcoco+", "root": str(root), "shard_size": 16}
     )
     raw["data"]["image_size"] = 32
-    raw["pretrain"]["epochs"] = 1
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
-    cli = ["python", "-m", "pipelines.cli"]
-    run_in(tmp_path, *cli, "prepare", "--out", "prep", "--metrics", "m/prepare.json")
-    prep = json.loads((tmp_path / "m/prepare.json").read_text())
-    assert prep["source_train"]["images"] == 6 and prep["source_train"]["skipped"] == 0
-    run_in(
-        tmp_path, *cli, "pretrain", "--data", "prep", "--out", "model",
-        "--metrics", "m/pretrain.json", "--plots", "p.csv",
-    )  # fmt: skip
-    metrics = json.loads((tmp_path / "m/pretrain.json").read_text())
-    assert np.isfinite(metrics["val_oiou"]) and 0 <= metrics["val_oiou"] <= 1
+    m = one_epoch(tmp_path, raw)
+    assert m["prepare"]["source_train"]["images"] == 6
+    assert m["prepare"]["source_train"]["skipped"] == 0
+    assert np.isfinite(m["pretrain"]["val_oiou"]) and 0 <= m["pretrain"]["val_oiou"] <= 1
