@@ -715,11 +715,15 @@ class Params(_Section):
     @model_validator(mode="before")
     @classmethod
     def _method_default_space(cls, raw: Any) -> Any:
-        # without a tune.space, a method other than SDA sweeps its schedule's learning rate
+        # without a tune.space, a method other than SDA sweeps its schedule's learning rate;
+        # ``tune.space: null`` means the same, so `dvc exp run -S tune.space=null` can switch
         if not isinstance(raw, dict):
             return raw
         method = (raw.get("adapt") or {}).get("method", "sda")
         tune = raw.get("tune") or {}
+        if isinstance(tune, dict) and "space" in tune and tune["space"] is None:
+            tune = {k: v for k, v in tune.items() if k != "space"}
+            raw = {**raw, "tune": tune}
         if method != "sda" and "space" not in tune:
             space = {"adapt.lr": {"values": [3e-5, 1e-4, 3e-4]}}
             raw = {**raw, "tune": {**tune, "space": space}}
@@ -789,10 +793,14 @@ def load_params(
 
 
 def set_dotted(raw: dict, key: str, value: Any) -> None:
-    """Set ``raw["a"]["b"] = value`` for ``key == "a.b"``, creating nothing new at the top."""
+    """Set ``raw["a"]["b"] = value`` for ``key == "a.b"``. A top-level section must exist (a
+    typo is refused); a missing or null mapping below it is created, as ``dvc exp run -S``
+    does (``adapt.dacs.ema=0.999`` when params.yaml has no ``adapt.dacs``)."""
     *parents, leaf = key.split(".")
     node = raw
-    for p in parents:
+    for depth, p in enumerate(parents):
+        if depth > 0 and node.get(p) is None:
+            node[p] = {}
         if not isinstance(node.get(p), dict):
             raise ParamsError(f"override {key}: no section {p!r}")
         node = node[p]

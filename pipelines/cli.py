@@ -10,7 +10,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import shlex
 import sys
+from pathlib import Path
 
 from components.config import ParamsError
 from components.data.schema import DataError
@@ -36,7 +38,43 @@ def _parser() -> argparse.ArgumentParser:
         for flag, dest, kwargs in options:
             s.add_argument(flag, dest=dest, **kwargs)
     sub.add_parser("validate", help="validate the params file and exit")
+    prof = sub.add_parser(
+        "profile",
+        help="validate a params overlay of infra/profiles (params file + overlay + -S) and "
+        "print the `dvc exp run` that applies it",
+    )
+    prof.add_argument("name", help="infra/profiles/<name>.yaml, or a path to an overlay file")
+    prof.add_argument(
+        "--args", action="store_true", help="print only the -S arguments: dvc exp run $(...)"
+    )
     return p
+
+
+def profile_overrides(name: str) -> list[str]:
+    """The ``key=value`` overrides of a profile: a flat YAML mapping of dotted params keys.
+
+    Raises:
+        ParamsError: naming the file when it is missing or not such a mapping.
+    """
+    import yaml
+
+    from pipelines.common import repo_root
+
+    path = Path(name) if name.endswith((".yaml", ".yml")) else None
+    path = path or repo_root() / "infra" / "profiles" / f"{name}.yaml"
+    if not path.is_file():
+        raise ParamsError(f"profile {name}: {path} not found")
+    raw = yaml.safe_load(path.read_text())
+    if not isinstance(raw, dict) or any(isinstance(v, dict | list) for v in raw.values()):
+        raise ParamsError(f"{path}: a profile is a flat mapping of dotted keys to values")
+    out = []
+    for key, value in raw.items():
+        text = "null" if value is None else yaml.safe_dump(value, default_flow_style=True)
+        text = text.strip().removesuffix("...").strip()
+        if any(c.isspace() for c in text):
+            raise ParamsError(f"{path}: {key}: a value with spaces cannot be passed as -S")
+        out.append(f"{key}={text}")
+    return out
 
 
 def _opt(flag: str, dest: str | None = None, required: bool = True, **kwargs) -> tuple:
@@ -196,6 +234,16 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     params = None
     try:
+        if args.command == "profile":
+            # -S given here wins over the profile's value of the same key (one value a key)
+            merged = dict(o.split("=", 1) for o in [*profile_overrides(args.name), *args.set])
+            overrides = [f"{k}={v}" for k, v in merged.items()]
+            read_params(args.params, overrides)  # the overlay must validate on this params file
+            # "++": DVC's (Hydra) grammar for "set, adding the key where params.yaml lacks it"
+            quote = (lambda x: x) if args.args else shlex.quote  # $(...) does not unquote
+            flags = " ".join(f"-S {quote('++' + o)}" for o in overrides)
+            print(flags if args.args else f"dvc exp run {flags}")
+            return 0
         params = read_params(args.params, args.set)
         if args.command == "validate":
             print(f"{args.params}: ok")

@@ -65,6 +65,14 @@ def test_overrides_and_bad_yaml(tmp_path):
     assert load_params(path, {"pretrain.epochs": 3}).pretrain.epochs == 3
     with pytest.raises(ParamsError, match="no section 'nope'"):
         load_params(path, {"nope.x": 1})
+    # switching method with overrides alone, as `dvc exp run -S` can: the SDA section and its
+    # sweep entries set to null, the new method's section created by its first field
+    switched = load_params(
+        path,
+        {"adapt.method": "dacs", "adapt.sda": None, "tune.space": None, "adapt.dacs.ema": 0.9},
+    )
+    assert switched.adapt.method_config.ema == 0.9 and switched.adapt.sda is None
+    assert list(switched.tune.flat_space()) == ["adapt.lr"]
     path.write_text("seed: [unclosed")
     with pytest.raises(ParamsError, match="not valid YAML"):
         load_params(path)
