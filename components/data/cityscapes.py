@@ -27,7 +27,7 @@ Cityscapes: ``train`` minus a fixed 5 % hold-out is train, the hold-out is val, 
 
 from __future__ import annotations
 
-import json
+import functools
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -77,13 +77,6 @@ MIOU13_CLASSES: tuple[str, ...] = tuple(
     c for c in SYNTHIA_CLASSES if c not in ("wall", "fence", "pole")
 )
 
-DATASETS = ("gta5", "synthia", "cityscapes")
-#: the product splits a dataset can give (source: train, val; target: train, val, test)
-PRODUCT_SPLITS = {
-    "gta5": ("train", "val"),
-    "synthia": ("train", "val"),
-    "cityscapes": ("train", "val", "test"),
-}
 HOLDOUT_PERCENT = 5
 
 
@@ -102,16 +95,19 @@ def _lut(pairs: dict[int, str], classes: tuple[str, ...]) -> np.ndarray:
     return lut
 
 
+@functools.lru_cache(maxsize=8)  # per class list; callers only read it
 def label_id_lut(classes: tuple[str, ...]) -> np.ndarray:
     """Cityscapes label id -> class index (GTA5 labels, ``*_labelIds.png``)."""
     return _lut({lb.id: lb.name for lb in CS_LABELS if lb.id >= 0}, classes)
 
 
+@functools.lru_cache(maxsize=8)  # per class list; callers only read it
 def train_id_lut(classes: tuple[str, ...]) -> np.ndarray:
     """Cityscapes train id -> class index (``*_labelTrainIds.png``)."""
     return _lut({i: c for i, c in enumerate(CITYSCAPES_CLASSES)}, classes)
 
 
+@functools.lru_cache(maxsize=8)  # per class list; callers only read it
 def synthia_lut(classes: tuple[str, ...]) -> np.ndarray:
     """SYNTHIA class id -> class index."""
     return _lut(SYNTHIA_TO_CITYSCAPES, classes)
@@ -281,11 +277,6 @@ def _read_png16(path: Path, where: str) -> np.ndarray:
     planes = info["planes"]
     data = np.vstack([np.asarray(r, dtype=np.uint16) for r in rows])
     return data.reshape(height, width, planes)
-
-
-def class_file(classes: tuple[str, ...]) -> str:
-    """``classes.json`` of a semantic dataset on disk (class id = position, no background)."""
-    return json.dumps(list(classes)) + "\n"
 
 
 def skip_or_raise(err: DataError, skipped: dict[str, int], on_bad_sample: str) -> None:
