@@ -64,7 +64,10 @@ def profile_overrides(name: str) -> list[str]:
     path = path or repo_root() / "infra" / "profiles" / f"{name}.yaml"
     if not path.is_file():
         raise ParamsError(f"profile {name}: {path} not found")
-    raw = yaml.safe_load(path.read_text())
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ParamsError(f"{path}: not valid YAML: {err}") from None
     if not isinstance(raw, dict) or any(isinstance(v, dict | list) for v in raw.values()):
         raise ParamsError(f"{path}: a profile is a flat mapping of dotted keys to values")
     out = []
@@ -236,7 +239,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "profile":
             # -S given here wins over the profile's value of the same key (one value a key)
-            merged = dict(o.split("=", 1) for o in [*profile_overrides(args.name), *args.set])
+            merged = {}
+            for item in [*profile_overrides(args.name), *args.set]:
+                key, sep, value = item.partition("=")
+                if not sep:
+                    raise ParamsError(f"-S {item!r}: expected key=value")
+                merged[key] = value
             overrides = [f"{k}={v}" for k, v in merged.items()]
             read_params(args.params, overrides)  # the overlay must validate on this params file
             # "++": DVC's (Hydra) grammar for "set, adding the key where params.yaml lacks it"

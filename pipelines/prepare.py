@@ -142,18 +142,32 @@ def _dataset_samples(cfg: DataConfig, domain: str, skipped: dict, on_bad: str):
     if dataset in SEMANTIC_DATASETS:
         samples = semantic_samples(root, dataset, skipped, on_bad)
         names = list(classes_for({cfg.dataset, cfg.target_domain}))
-        return samples, names, [], [(s.file, s.label) for s in samples]
+        return samples, names, [], _listing(root, samples, "label")
     if dataset in VIDEO_DATASETS:
         reader = a2d_samples if dataset == "a2d" else jhmdb_samples
-        samples = reader(root, cfg.clip_frames, skipped)
+        samples = reader(root, cfg.clip_frames, skipped, on_bad)
         folder = root / dataset
         files = [folder / "Release/videoset.csv", folder / "text_annotations/a2d_annotation.txt"]
         if dataset == "jhmdb":
             files = [folder / "jhmdb_annotation.txt"]
-        return samples, ["background"], files, [(s.file, s.mask_file) for s in samples]
+        return samples, ["background"], files, _listing(root, samples, "mask_file")
     samples, inst = refer_samples(root, dataset, split_by, image_dir, skipped, on_bad)
     files = sorted((root / dataset).glob("refs(*).p")) + [root / dataset / "instances.json"]
     return samples, ["background", *inst.names], files, []
+
+
+def _listing(root: Path, samples, label: str) -> list:
+    """What keys a resumable conversion where no annotation file lists the samples: each
+    sample's id, split, files, and its label file's size and modification time (a label
+    replaced after a failure, or a changed split rule, starts the conversion afresh)."""
+    out, seen = [], {}
+    for s in samples:
+        path = getattr(s, label)
+        if path not in seen:
+            st = (root / path).stat() if (root / path).exists() else None
+            seen[path] = [st.st_size, st.st_mtime_ns] if st else None
+        out.append([s.sample_id, s.split, s.file, path, seen[path]])
+    return out
 
 
 def run_on_disk(params: Params, out: Path) -> dict:

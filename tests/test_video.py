@@ -47,7 +47,10 @@ def test_jhmdb_evenly_spaced_frames_with_puppet_masks(tmp_path):
     expected = write_jhmdb(tmp_path)
     samples = jhmdb_samples(tmp_path, 4, {})
     assert {s.sample_id for s in samples} == set(expected)
-    assert {s.split for s in samples} <= {"train", "val", "test"}
+    by_video: dict = {}
+    for s in samples:  # a video's frames never straddle splits
+        by_video.setdefault(s.sample_id.rsplit("-", 1)[0], set()).add(s.split)
+    assert all(len(v) == 1 for v in by_video.values()) and len(by_video) == 8
     for s in samples:
         np.testing.assert_array_equal(video_mask(s, tmp_path), expected[s.sample_id])
         assert s.query.startswith("man ") and len(s.clip) == 4
@@ -62,8 +65,11 @@ def test_bad_video_annotations_are_named(tmp_path):
     write_jhmdb(tmp_path)
     lines = (tmp_path / "jhmdb/jhmdb_annotation.txt").read_text() + "ghost_video,nobody\n"
     (tmp_path / "jhmdb/jhmdb_annotation.txt").write_text(lines)
-    with pytest.raises(DataError, match="video ghost_video: 0 frame folders"):
+    with pytest.raises(DataError, match=r"line \d+: video ghost_video: 0 frame folders"):
         jhmdb_samples(tmp_path, 8, {})
+    skipped: dict = {}
+    assert jhmdb_samples(tmp_path, 8, skipped, "skip")
+    assert skipped == {"N frame folders": 1}
     raw = tiny_params()
     raw["data"].update({"dataset": "a2d", "root": str(tmp_path), "split_by": "unc"})
     with pytest.raises(ValueError, match="split_by: a2d has no split_by"):

@@ -261,6 +261,8 @@ def _draw_polygons(path: Path, where: str) -> np.ndarray:
     annotation = Annotation()
     annotation.fromJsonFile(str(path))
     for obj in annotation.objects:
+        if obj.deleted:  # cityscapesscripts does not draw these
+            continue
         label = obj.label
         if label not in name2label and label.endswith("group"):
             label = label[: -len("group")]

@@ -30,6 +30,7 @@ fixed half of its videos (by id) is the unlabeled train split, 5 % val and the r
 from __future__ import annotations
 
 import csv
+import glob
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +39,7 @@ import h5py
 import numpy as np
 import scipy.io
 
+from components.data.cityscapes import skip_or_raise
 from components.data.schema import DataError
 
 JHMDB_FRAMES = 3
@@ -84,11 +86,14 @@ def _csv_rows(path: Path, header: list[str] | None) -> list[list[str]]:
 
 
 # --------------------------------------------------------------------------- A2D
-def a2d_samples(root: Path, clip_frames: int, skipped: dict[str, int]) -> list[VideoSample]:
+def a2d_samples(
+    root: Path, clip_frames: int, skipped: dict[str, int], on_bad_sample: str = "error"
+) -> list[VideoSample]:
     """Every (query, annotated frame) pair of A2D Sentences whose frame shows the instance.
 
     Raises:
-        DataError: naming the file: a missing or malformed annotation file, an unreadable mask.
+        DataError: naming the file and line: a missing or malformed annotation file; an
+            unreadable mask file unless ``on_bad_sample="skip"`` (then counted).
     """
     folder = Path(root) / "a2d"
     videos = {}
@@ -102,14 +107,19 @@ def a2d_samples(root: Path, clip_frames: int, skipped: dict[str, int]) -> list[V
     missed = set(missed_file.read_text().split()) if missed_file.is_file() else set()
     queries: dict[str, list[tuple[str, str]]] = {}
     ann = folder / "text_annotations/a2d_annotation.txt"
-    for vid, instance, query in _csv_rows(ann, ["video_id", "instance_id", "query"]):
+    for i, row in enumerate(_csv_rows(ann, ["video_id", "instance_id", "query"]), start=2):
+        if len(row) != 3:
+            raise DataError(f"{ann}: line {i}: expected video_id,instance_id,query")
+        vid, instance, query = row
         if instance == A2D_BAD_INSTANCE:
             skipped["known bad instance id"] = skipped.get("known bad instance id", 0) + 1
             continue
         if vid in missed:
             continue
         if vid not in videos:
-            raise DataError(f"{ann}: video {vid} is not in Release/videoset.csv")
+            raise DataError(f"{ann}: line {i}: video {vid} is not in Release/videoset.csv")
+        if not instance.isdigit():
+            raise DataError(f"{ann}: line {i}: instance id {instance!r} is not a number")
         queries.setdefault(vid, []).append((instance, query))
     out = []
     masks_dir = folder / "text_annotations/a2d_annotation_with_instances"
@@ -118,12 +128,17 @@ def a2d_samples(root: Path, clip_frames: int, skipped: dict[str, int]) -> list[V
         split = "test" if info["subset"] == 1 else ("val" if _bucket(vid) < 5 else "train")
         frame_fmt = f"a2d/Release/pngs320H/{vid}/{{:05d}}.png"
         for h5 in sorted((masks_dir / vid).glob("*.h5")):
+            if not h5.stem.isdigit():
+                continue  # not a frame's mask file
             frame = int(h5.stem)
             try:
                 with h5py.File(h5, "r") as fh:
                     present = [int(v) for v in np.asarray(fh["instance"]).ravel()]
-            except (OSError, KeyError) as err:
-                raise DataError(f"{h5}: unreadable A2D mask file ({err})") from None
+            except (OSError, KeyError, ValueError) as err:
+                detail = str(err).replace(": ", ", ")
+                bad = DataError(f"{h5}: unreadable A2D mask file ({detail})")
+                skip_or_raise(bad, skipped, on_bad_sample)
+                continue
             for instance, query in queries[vid]:
                 if int(instance) not in present:
                     continue
@@ -160,26 +175,36 @@ def a2d_mask(path: Path, instance: int, where: str) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------- J-HMDB
-def jhmdb_samples(root: Path, clip_frames: int, skipped: dict[str, int]) -> list[VideoSample]:
+def jhmdb_samples(
+    root: Path, clip_frames: int, skipped: dict[str, int], on_bad_sample: str = "error"
+) -> list[VideoSample]:
     """``JHMDB_FRAMES`` evenly spaced frames of every J-HMDB Sentences video, with its query.
 
     Raises:
-        DataError: naming the file: a missing annotation file; a video without frames or mask.
+        DataError: naming the file and line: a missing or malformed annotation file; a video
+            without frames or mask unless ``on_bad_sample="skip"`` (then counted).
     """
     folder = Path(root) / "jhmdb"
     ann = folder / "jhmdb_annotation.txt"
     out = []
-    for vid, query in _csv_rows(ann, ["video_id", "query"]):
-        frames_dirs = list((folder / "Rename_Images").glob(f"*/{vid}"))
+    for i, row in enumerate(_csv_rows(ann, ["video_id", "query"]), start=2):
+        if len(row) != 2:
+            raise DataError(f"{ann}: line {i}: expected video_id,query")
+        vid, query = row
+        where = f"{ann}: line {i}: video {vid}"
+        frames_dirs = list((folder / "Rename_Images").glob(f"*/{glob.escape(vid)}"))
         if len(frames_dirs) != 1:
-            raise DataError(
-                f"{ann}: video {vid}: {len(frames_dirs)} frame folders under Rename_Images/*/"
-            )
+            n = len(frames_dirs)
+            skip_or_raise(DataError(f"{where}: {n} frame folders (Rename_Images)"), skipped,
+                          on_bad_sample)  # fmt: skip
+            continue
         action = frames_dirs[0].parent.name
         total = len(list(frames_dirs[0].glob("*.png")))
         mat = folder / "puppet_mask" / action / vid / "puppet_mask.mat"
         if total == 0 or not mat.is_file():
-            raise DataError(f"{ann}: video {vid}: no frames or no {mat}")
+            skip_or_raise(DataError(f"{where}: no frames or no puppet mask file"), skipped,
+                          on_bad_sample)  # fmt: skip
+            continue
         bucket = _bucket(vid)
         split = "val" if bucket < 5 else ("train" if bucket < 55 else "test")
         frame_fmt = f"jhmdb/Rename_Images/{action}/{vid}/{{:05d}}.png"

@@ -162,9 +162,13 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
                 f"model.backbone_weights: {path}: reading .safetensors needs the safetensors "
                 "package (pip install safetensors)"
             )
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        state = load_file(str(path))
+        try:
+            state = load_file(str(path))
+        except (SafetensorError, OSError) as err:
+            raise ParamsError(f"model.backbone_weights: {path}: unreadable ({err})") from None
     else:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)

@@ -60,8 +60,13 @@ def load_transformer_embeddings(
     folder = Path(path)
     if not (folder / "config.json").is_file():
         raise ParamsError(f"model.text_model_path: {folder} holds no config.json (a local model)")
-    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    encoder = AutoModel.from_pretrained(folder, local_files_only=True).eval()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        encoder = AutoModel.from_pretrained(folder, local_files_only=True).eval()
+    except (OSError, ValueError) as err:  # no tokenizer / weights files, an unknown model type
+        raise ParamsError(
+            f"model.text_model_path: {folder}: not a loadable model ({err})"
+        ) from None
     hidden = encoder.config.hidden_size
     if hidden != dim:
         raise ParamsError(
