@@ -71,7 +71,7 @@ def ids_with_holdout(n: int, name) -> list[str]:
     (so that a tiny copy still has a val split)."""
     from components.data.cityscapes import in_holdout
 
-    ids = [name(i) for i in range(1, 1000)]
+    ids = [name(i) for i in range(1, 2 * n + 100)]  # 95 % are not held out: enough
     held = next(x for x in ids if in_holdout(x))
     return sorted([held, *[x for x in ids if not in_holdout(x)][: n - 1]])
 

@@ -40,7 +40,7 @@ def video_ids(n: int, prefix: str) -> list[str]:
     """``n`` video ids, the first of them in the converters' 5 % val bucket."""
     from components.data.video import _bucket
 
-    ids = [f"{prefix}{i:04d}" for i in range(1, 2000)]
+    ids = [f"{prefix}{i:04d}" for i in range(1, 2 * n + 100)]  # 95 % outside the val bucket
     held = next(v for v in ids if _bucket(v) < 5)
     return [held, *[v for v in ids if _bucket(v) >= 5][: n - 1]]
 
