@@ -117,6 +117,7 @@ def main() -> None:
     keep = [r for r in previous.get("rows", []) if (r["converter"], r["cpus"]) not in
             {(x["converter"], x["cpus"]) for x in rows} or r["samples"] not in
             {x["samples"] for x in rows if x["converter"] == r["converter"]}]  # fmt: skip
+    summaries = {**previous.get("summaries", {}), **summaries}
     out = {"command": " ".join(sys.argv), "rows": keep + rows, "summaries": summaries}
     OUT.write_text(json.dumps(out, indent=1) + "\n")
 

@@ -108,7 +108,7 @@ def write_refer(
     w, h = SIZES[0]
     anns.append(
         {
-            "id": 9999,
+            "id": ann_id,  # the next free id (a fixed one collides in large fixtures)
             "image_id": images[0]["id"],
             "category_id": 1,
             "segmentation": {"size": [h, w], "counts": [h * 2, h * 3, h * (w - 5)]},

@@ -61,7 +61,7 @@ def write_a2d(root: Path, n_train: int = 4, n_test: int = 2, frames: int = 6) ->
         queries.append(f'{vid},2,"the dog, running"')
         for f in (2, 5):  # annotated frames; instance 2 only in frame 5
             inst = [1, 2] if f == 5 else [1]
-            masks = {1: _box(1 + k, 2, 10 + k, 12), 2: _box(15, 10 + f, 28, 20)}
+            masks = {1: _box(1 + k % 8, 2, 10 + k % 8, 12), 2: _box(15, 10 + f, 28, 20)}
             h5 = folder / f"text_annotations/a2d_annotation_with_instances/{vid}/{f:05d}.h5"
             h5.parent.mkdir(parents=True, exist_ok=True)
             with h5py.File(h5, "w") as fh:
