@@ -40,7 +40,7 @@ from cityscapesscripts.helpers.labels import name2label
 from cityscapesscripts.preparation.json2labelImg import createLabelImage
 from PIL import Image
 
-from components.data.schema import DataError, skip_reason
+from components.data.schema import DataError, skip_or_raise
 
 IGNORE = 255
 
@@ -279,11 +279,3 @@ def _read_png16(path: Path, where: str) -> np.ndarray:
     planes = info["planes"]
     data = np.vstack([np.asarray(r, dtype=np.uint16) for r in rows])
     return data.reshape(height, width, planes)
-
-
-def skip_or_raise(err: DataError, skipped: dict[str, int], on_bad_sample: str) -> None:
-    """``on_bad_sample``: re-raise ``err``, or count it by reason."""
-    if on_bad_sample == "error":
-        raise err
-    reason = skip_reason(err)
-    skipped[reason] = skipped.get(reason, 0) + 1

@@ -67,6 +67,14 @@ def skip_reason(err: DataError) -> str:
     return re.sub(r"\d+", "N", tail)
 
 
+def skip_or_raise(err: DataError, skipped: dict[str, int], on_bad_sample: str) -> None:
+    """``prepare.on_bad_sample``: re-raise ``err`` (``error``), or count it by reason (``skip``)."""
+    if on_bad_sample == "error":
+        raise err
+    reason = skip_reason(err)
+    skipped[reason] = skipped.get(reason, 0) + 1
+
+
 # --------------------------------------------------------------------------- RLE
 def encode_rle(mask: np.ndarray) -> dict:
     """Boolean (H, W) mask -> COCO compressed RLE with a str ``counts``."""

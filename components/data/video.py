@@ -39,8 +39,7 @@ import h5py
 import numpy as np
 import scipy.io
 
-from components.data.cityscapes import skip_or_raise
-from components.data.schema import DataError
+from components.data.schema import DataError, skip_or_raise
 
 JHMDB_FRAMES = 3
 A2D_BAD_INSTANCE = "1 (copy)"
