@@ -16,7 +16,8 @@ import psutil
 
 
 def run_measured(cmd: list[str], cwd, env=None, interval: float = 0.5) -> dict:
-    """Wall time (s), peak summed RSS and PSS (MiB) of ``cmd`` and every descendant (Ray too)."""
+    """Wall time (s), peak summed RSS and PSS (MiB) of ``cmd`` and every descendant (Ray too);
+    its output, also line by line with each line's arrival time (``lines``)."""
     start = time.perf_counter()
     proc = subprocess.Popen(
         cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
@@ -43,7 +44,10 @@ def run_measured(cmd: list[str], cwd, env=None, interval: float = 0.5) -> dict:
 
     t = threading.Thread(target=sample, daemon=True)
     t.start()
-    out, _ = proc.communicate()
+    lines = []  # (seconds since start, line): when each output line arrived
+    for line in proc.stdout:
+        lines.append((time.perf_counter() - start, line.rstrip("\n")))
+    proc.wait()
     done.set()
     t.join()
     return {
@@ -51,5 +55,6 @@ def run_measured(cmd: list[str], cwd, env=None, interval: float = 0.5) -> dict:
         "wall_s": time.perf_counter() - start,
         "peak_rss_mib": peak / 2**20,
         "peak_pss_mib": peak_pss / 2**20,
-        "output": out,
+        "output": "\n".join(text for _, text in lines),
+        "lines": lines,
     }

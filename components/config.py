@@ -334,7 +334,11 @@ class TrainConfig(_Section):
     weight_decay: Annotated[float, Field(ge=0)] = 0.0
     num_workers: PositiveInt = Field(1, description="Ray Train workers.")
     use_gpu: Literal["auto", True, False] = "auto"
-    amp: bool = Field(False, description="Mixed precision (GPU only).")
+    amp: bool = Field(
+        False,
+        description="bfloat16 mixed precision in the training steps (GPU, or a CPU with "
+        "native bfloat16: AMX / AVX512-BF16); validation stays float32.",
+    )
 
 
 class EvaluateConfig(_Section):

@@ -42,6 +42,10 @@ QUIET_LOGGERS = (
 )
 
 
+#: the logger of Ray's "Token authentication is enabled for this Ray cluster" notice
+AUTH_NOTICE_LOGGER = "ray._private.authentication.authentication_token_setup"
+
+
 def quiet_worker_logs() -> None:
     """Ray ``worker_process_setup_hook``: :data:`QUIET_LOGGERS` below ERROR.
 
@@ -57,6 +61,21 @@ def quiet_worker_logs() -> None:
     if spec and spec.origin and train_log_level() != "INFO":
         logging.getLogger(spec.origin).setLevel(logging.WARNING)
     os.environ.setdefault("RAY_ADDRESS", ray.get_runtime_context().gcs_address)
+
+
+def quiet_driver_logs() -> None:
+    """A local run's console: worker lines without Ray's ``(RayTrainWorker pid=...)`` prefix and
+    its colour codes (our lines name their stage: ``pretrain epoch 3/8: ...``).
+    ``ADASEG_RAY_VERBOSE=1`` keeps Ray's prefixes. Ray reads its switch when imported, so the
+    imported copy is set too (as :func:`use_loopback` does)."""
+    if os.environ.get("ADASEG_RAY_VERBOSE") == "1":
+        return
+    os.environ.setdefault("RAY_DISABLE_WORKER_LOG_PREFIX", "1")
+    from ray._private import ray_constants
+
+    ray_constants.RAY_DISABLE_WORKER_LOG_PREFIX = ray_constants.env_bool(
+        "RAY_DISABLE_WORKER_LOG_PREFIX", False
+    )
 
 
 def train_log_level() -> str:
@@ -108,6 +127,13 @@ def init_ray(cfg: RuntimeConfig) -> None:
         return
     # one node, no spot instances: Ray Train's preemption watcher has nothing to watch
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    # Ray turns token authentication on for a new local instance (a token in
+    # ~/.ray/auth_token, made if missing) and says so at every start: kept on, not announced
+    logging.getLogger(AUTH_NOTICE_LOGGER).setLevel(logging.ERROR)
+    # the Train controller polls its workers every 2 s by default: a training stage waited up
+    # to a poll to start and another to finish
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+    quiet_driver_logs()
     use_loopback()
     extra = {}
     if cfg.object_spilling_dir:  # objects beyond object_store_memory_mb go there

@@ -303,7 +303,7 @@ def log_stage(
 
     history = state["history"]
     final = history[-1]
-    skip = ("lr", "samples_per_s", "seconds")
+    skip = ("lr", "samples_per_s", "seconds", "val_seconds")  # timings: not DVC metrics
     write_json(metrics, {k: v for k, v in final.items() if k not in skip})
     with atomic_path(plots) as tmp:
         write_history(history, tmp)

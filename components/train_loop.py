@@ -210,7 +210,9 @@ def run_phase(spec: PhaseSpec, rank: int, get_checkpoint, report, checkpoint_cls
         with tempfile.TemporaryDirectory() as d:
             ckpt = None
             if rank == 0:
+                t0 = time.perf_counter()
                 row.update(phase.validate())
+                row["val_seconds"] = time.perf_counter() - t0
                 history.append(row)
                 print(
                     f"{desc}: " + ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "epoch"),

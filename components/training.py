@@ -34,9 +34,14 @@ def make_optimizer(model, cfg: TrainConfig, steps_total: int):
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
-def _autocast(device: torch.device, amp: bool):
-    if amp and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+def autocast(device: torch.device, amp: bool):
+    """bfloat16 mixed precision for a training step when ``amp`` (a phase's ``amp`` param), on
+    a GPU or a CPU: convolutions and matmuls in bfloat16, reductions and losses in float32.
+    bfloat16 needs no loss scaling. On a CPU it pays where the CPU computes bfloat16 natively
+    (AMX, AVX512-BF16: ``benchmarks/stage_times.py`` measures a whole run); elsewhere it
+    is emulated and slower."""
+    if amp and device.type in ("cuda", "cpu"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
@@ -100,7 +105,7 @@ def train_epoch(
     for batch_idx in epoch_batches(data, indices, batch_size, rng, task.model.zero_interleave):
         batch = to_batch(data, indices[batch_idx], device)
         batch = task.training_inputs(batch, data, indices[batch_idx], rng)
-        with _autocast(device, amp):
+        with autocast(device, amp):
             out = task.forward(model, batch)
             loss = task.supervised_loss(out, batch)
             if extra_loss is not None:

@@ -15,6 +15,8 @@ def setup_logging() -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    # creating / migrating the local tracking database is not news on every first run
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
 
 
 def repo_root() -> Path:

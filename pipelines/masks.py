@@ -37,6 +37,7 @@ from components.models.network import _unwrap, load_trained
 from components.runtime import init_ray
 from components.stage_io import load_labels, load_query_split
 from components.tracking import log_history, stage_run
+from components.training import autocast
 from pipelines.common import repo_root
 
 
@@ -66,8 +67,9 @@ def setup_classifier(spec: train_loop.PhaseSpec) -> train_loop.Phase:
             rows = indices[bidx]
             image = to_batch(data, rows, device)["image"]
             labels = torch.nn.functional.one_hot(classes[rows], k).float().to(device)
-            logits, _ = model(image)
-            loss = multilabel_loss(logits, labels)
+            with autocast(device, tcfg.amp):
+                logits, _ = model(image)
+                loss = multilabel_loss(logits, labels)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -19,6 +19,7 @@ import hashlib
 import json
 import logging
 import shutil
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -43,6 +44,13 @@ from components.tracking import stage_run
 from pipelines.common import repo_root
 
 log = logging.getLogger(__name__)
+
+
+def _no_bar() -> bool:
+    """No shard progress bar where it cannot redraw (DVC's log, CI): the stage's summary line
+    says what was converted."""
+    return not sys.stderr.isatty()
+
 
 SPLITS = [
     ("source", "train"),
@@ -103,7 +111,8 @@ def run(params: Params, out: Path) -> dict:
     train_queries: list[str] = []
     with atomic_path(out, is_dir=True) as tmp:
         pending = list(jobs)
-        with tqdm(total=len(pending), desc="prepare: shards", unit="shard") as bar:
+        bar = tqdm(total=len(pending), desc="prepare: shards", unit="shard", disable=_no_bar())
+        with bar:
             while pending:
                 done, pending = ray.wait(pending, num_returns=1)
                 table = ray.get(done[0])
@@ -224,7 +233,7 @@ def run_on_disk(params: Params, out: Path) -> dict:
             len(jobs),
         )
     window = max(2, 2 * int(ray.available_resources().get("CPU", 1)))
-    with tqdm(total=len(pending), desc="prepare: shards", unit="shard") as bar:
+    with tqdm(total=len(pending), desc="prepare: shards", unit="shard", disable=_no_bar()) as bar:
         while pending or in_flight:
             while pending and len(in_flight) < window:
                 job = pending.pop(0)

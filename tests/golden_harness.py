@@ -82,11 +82,12 @@ def _run(setup, payload, params: Params, phase: str) -> tuple[list[dict], dict]:
     return cap.rows, cap.state
 
 
+#: each epoch row's number and timings: not what a phase computes
+TIMINGS = ("seconds", "val_seconds", "samples_per_s", "epoch")
+
+
 def _summary(rows: list[dict], state: dict) -> dict:
-    keep = [
-        {k: float(v) for k, v in r.items() if k not in ("seconds", "samples_per_s", "epoch")}
-        for r in rows
-    ]
+    keep = [{k: float(v) for k, v in r.items() if k not in TIMINGS} for r in rows]
     sums = {
         name: float(sum(t.double().abs().sum() for t in sd.values() if t.is_floating_point()))
         for name, sd in state["modules"].items()

@@ -17,6 +17,7 @@ from components.config import ModelConfig
 from components.data.dataset import IGNORE_INDEX
 from components.metrics import semantic_metrics
 from components.tasks import make_task
+from components.training import autocast
 
 MCFG = ModelConfig(
     widths=[8, 12, 16, 16], hidden=12, embed_dim=12, num_superpixels=10, dmmi={"ccr_heads": 4}
@@ -89,6 +90,40 @@ def test_method_contract(name, task_name, arch):
         method.after_step()  # the EMA moves the teacher toward the updated student
         assert any(not torch.equal(b, p) for b, p in zip(before, teacher.parameters(), strict=True))
     assert method.inference_network() is network
+
+
+@pytest.mark.parametrize(("name", "task_name", "arch"), list(_cases()))
+def test_method_step_under_cpu_bfloat16_autocast(name, task_name, arch):
+    """``adapt.amp`` on a CPU: every method's step runs under bfloat16 autocast (no dtype clash
+    between bfloat16 activations and float32 state such as memory banks) and computes the loss
+    the float32 step computes, to bfloat16's precision."""
+    mcfg = MCFG if arch == "sda" else ModelConfig(**{**MCFG.model_dump(), "arch": arch})
+    task = make_task(task_name, mcfg, CLASSES)
+    upstream = Upstream(np.array([0, 1, 0, 1]), np.array([0, 1, 0, 1]), np.ones(4, dtype=bool))
+    fields = upstream.batch_fields
+    losses = []
+    for amp in (False, True):
+        torch.manual_seed(0)
+        method = METHODS[name](task.build_network(20), METHOD_CONFIGS[name](), task, upstream)
+        src = {**_batch(task, 0), **fields("source", np.arange(B))}
+        tgt = {**_batch(task, 1), **fields("target", np.arange(B))}
+        if arch == "dmmi":
+            src["erase"] = torch.zeros_like(src["tokens"], dtype=torch.bool)
+            src["erase"][:, 1] = True
+        tgt.pop("label", None)
+        method.train()
+        dtypes = set()
+        conv = next(m for m in method.modules() if isinstance(m, torch.nn.Conv2d))
+        conv.register_forward_hook(lambda _m, _i, out: dtypes.add(out.dtype))
+        with autocast(torch.device("cpu"), amp):
+            loss, logs = method.step(src, tgt, torch.Generator().manual_seed(0))
+        assert dtypes == {torch.bfloat16 if amp else torch.float32}
+        loss.backward()
+        method.after_step()
+        assert torch.isfinite(loss) and all(np.isfinite(v) for v in logs.values())
+        assert loss.dtype == torch.float32
+        losses.append(loss.item())
+    assert losses[1] == pytest.approx(losses[0], rel=0.05), f"{name}/{task_name}: {losses}"
 
 
 # --------------------------------------------------------------------------- FDA

@@ -28,7 +28,7 @@ from components.data.vocab import Vocab
 from components.selection import selection_metrics
 from components.stage_io import load_labels, load_masks, load_task_split, task_of
 from components.tasks import Task
-from components.training import make_optimizer
+from components.training import autocast, make_optimizer
 
 
 @dataclass(frozen=True)
@@ -109,7 +109,8 @@ def setup_adapt(spec: train_loop.PhaseSpec) -> train_loop.Phase:
             rows_s = s_idx[bidx]
             rows_t = t_order[i * cfg.batch_size : (i + 1) * cfg.batch_size]
             sb, tb = batch(src, "source", rows_s, rng), batch(tgt, "target", rows_t, rng)
-            loss, logs = method.step(sb, tb, gen)
+            with autocast(device, cfg.amp):
+                loss, logs = method.step(sb, tb, gen)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"non-finite adaptation loss {loss.item()}: {logs}")
             opt.zero_grad(set_to_none=True)
@@ -128,11 +129,6 @@ def setup_adapt(spec: train_loop.PhaseSpec) -> train_loop.Phase:
         row = {k: v / max(1, n) for k, v in sums.items() if k != "empty_pseudo"}
         if "empty_pseudo" in sums:
             row["empty_pseudo_batches"] = sums["empty_pseudo"]
-            if sums["empty_pseudo"]:
-                print(
-                    f"warning: {int(sums['empty_pseudo'])} target batches had no confident "
-                    f"pseudo foreground ({cfg.method}); their contrast was skipped"
-                )
         return row
 
     def validate() -> dict:

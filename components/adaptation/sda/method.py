@@ -55,9 +55,10 @@ def sentence(out: dict) -> torch.Tensor:
 
 def common_categories(upstream: Upstream) -> torch.Tensor:
     """(k_s,) bool: the source categories that have reliable target samples."""
-    src_cat = torch.as_tensor(upstream.source_categories)
-    tgt_cat = torch.as_tensor(upstream.target_categories)
-    tgt_common = torch.as_tensor(upstream.target_common)
+    # copies: the arrays may be read-only views of Ray's object store
+    src_cat = torch.tensor(upstream.source_categories)
+    tgt_cat = torch.tensor(upstream.target_categories)
+    tgt_common = torch.tensor(upstream.target_common)
     k_s = int(src_cat.max()) + 1
     common_set = torch.zeros(k_s, dtype=torch.bool)
     common_set[tgt_cat[tgt_common & (tgt_cat < k_s)].unique()] = True
