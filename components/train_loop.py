@@ -41,18 +41,19 @@ from ray.train import (
 )
 from ray.train.torch import TorchTrainer
 
-from components.config import Params, TrainConfig
+from components.config import Params, ParamsError, TrainConfig
 from components.io import fingerprint
 from components.models.network import _unwrap
 from components.runtime import (
     cpus_per_worker,
     init_ray,
+    ray_address,
     remove_storage,
     resolve_use_gpu,
     storage_path,
     train_log_level,
 )
-from components.training import make_optimizer
+from components.training import cpu_bf16_native, make_optimizer
 
 
 @dataclass
@@ -249,6 +250,12 @@ def fit(
     root = Path.cwd()  # DVC runs stages from the repository root
     init_ray(params.runtime)
     use_gpu = resolve_use_gpu(tcfg.use_gpu)
+    if tcfg.amp and not use_gpu and ray_address(params.runtime) is None and not cpu_bf16_native():
+        raise ParamsError(
+            f"{phase}.amp: true trains in bfloat16 on this CPU, which has no native bfloat16 "
+            "(AVX512-BF16 / AMX): emulated, it runs about ten times slower than float32; "
+            f"set {phase}.amp: false here"
+        )
     threads = 1 if use_gpu else cpus_per_worker(tcfg.num_workers, params.runtime.train_cpus)
     name = f"{phase}-" + fingerprint(
         inputs,

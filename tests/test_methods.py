@@ -114,7 +114,7 @@ def test_method_step_under_cpu_bfloat16_autocast(name, task_name, arch):
         method.train()
         dtypes = set()
         conv = next(m for m in method.modules() if isinstance(m, torch.nn.Conv2d))
-        conv.register_forward_hook(lambda _m, _i, out: dtypes.add(out.dtype))
+        conv.register_forward_hook(lambda _m, _i, out, seen=dtypes: seen.add(out.dtype))
         with autocast(torch.device("cpu"), amp):
             loss, logs = method.step(src, tgt, torch.Generator().manual_seed(0))
         assert dtypes == {torch.bfloat16 if amp else torch.float32}

@@ -24,6 +24,7 @@ from tests.conftest import (
     dvc_metrics,
     kill_group,
     mlflow_runs,
+    repo_env,
     repro_log,
     start_killable,
 )
@@ -297,6 +298,18 @@ def test_bad_params_fail_before_any_work(repo):
     assert proc.returncode == 2
     assert "adapt.sda: gamma_min (0.95) must be < gamma_max (0.9)" in proc.stderr
     assert not (repo / "never").exists()
+
+
+def test_cpu_amp_without_native_bfloat16_is_refused(repo):
+    """``amp`` on a CPU that would emulate bfloat16 (here: oneDNN capped at AVX2) stops with
+    the field named instead of training ten times slower; nothing is written."""
+    cmd = ["adaseg", "-S", "pretrain.amp=true", "pretrain", "--data", "data/prepared"]
+    cmd += ["--out", "amp/model", "--metrics", "amp/m.json", "--plots", "amp/p.csv"]
+    env = {**repo_env(repo), "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    proc = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "pretrain.amp: true trains in bfloat16 on this CPU" in proc.stderr
+    assert not (repo / "amp").exists()
 
 
 def test_prepared_data_is_deterministic(repo, tmp_path):
