@@ -3,6 +3,7 @@ per-stage table.
 
     python benchmarks/stage_times.py                 # seed 0, defaults
     python benchmarks/stage_times.py --seed 1 -S pretrain.amp=true --tag amp
+    python benchmarks/stage_times.py --ray-head --tag head   # stages join one Ray instance
 
 Every line of DVC's output is timestamped on arrival. A stage runs from its
 ``Running stage '<name>'`` line until DVC's next ``Updating lock file`` line (its command has
@@ -26,6 +27,8 @@ import contextlib
 import json
 import os
 import re
+import secrets
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -40,6 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 START = re.compile(r"Running stage '([\w-]+)'")
 LOCK = re.compile(r"(Updating|Generating) lock file")
 EPOCH = re.compile(r"^\s*(?:\(.*?\)\s*)?([\w-]+) epoch (\d+)/(\d+): (.*)$")
+ANSI = re.compile(r"\x1b\[[0-9;]*m")  # Ray's colour codes around a worker's prefix
 
 
 def epoch_row(text: str) -> dict[str, float]:
@@ -56,6 +60,7 @@ def stage_table(lines: list[tuple[float, str]], wall: float) -> list[dict]:
     """Per stage: wall, epochs (train / val), start-up, after epochs, DVC bookkeeping."""
     stages: list[dict] = []
     for t, text in lines:
+        text = ANSI.sub("", text)
         if m := START.search(text):
             stages.append({"stage": m.group(1), "start": t, "end": None, "epochs": []})
         elif stages and stages[-1]["end"] is None and LOCK.search(text):
@@ -113,13 +118,40 @@ def markdown(rows: list[dict], wall: float) -> str:
     return "\n".join(out)
 
 
+def start_head(env: dict) -> str:
+    """A local Ray head on loopback with this machine's CPUs, token auth on (``env`` gets the
+    token, so the stages can join); returns its address."""
+    env["RAY_AUTH_MODE"] = "token"
+    env["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
+    env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # node addresses stay 127.0.0.1
+    port = 6390
+    cmd = ["ray", "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1"]
+    cmd += ["--include-dashboard=false", f"--num-cpus={os.cpu_count()}"]
+    subprocess.run(cmd, env=env, check=True, capture_output=True)
+    return f"127.0.0.1:{port}"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("-S", "--set", action="append", default=[], help="key=value (YAML)")
     ap.add_argument("--tag", default="", help="suffix of the result file")
     ap.add_argument("--keep", type=Path, help="keep the repository here")
+    ap.add_argument(
+        "--ray-head",
+        action="store_true",
+        help="start one local Ray head (`ray start --head`) first and let every stage join it "
+        "through RAY_ADDRESS, instead of each stage starting its own instance",
+    )
+    ap.add_argument("--table", type=Path, help="only print the table of a saved result file")
     args = ap.parse_args()
+    if args.table:
+        record = json.loads(args.table.read_text())
+        lines = [(float(x[:7]), x[8:]) for x in record["log"]]
+        record["stages"] = stage_table(lines, record["wall_s"])
+        args.table.write_text(json.dumps(record, indent=1) + "\n")
+        print(markdown(record["stages"], record["wall_s"]))
+        return
     overrides = {k: yaml.safe_load(v) for k, _, v in (s.partition("=") for s in args.set)}
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
@@ -130,7 +162,13 @@ def main() -> None:
         d.mkdir(parents=True, exist_ok=True)
         fresh_copy(d, args.seed, overrides)
         env["PYTHONPATH"] = str(d)  # the copy's code, whatever happens to this checkout meanwhile
-        res = run_measured(["dvc", "repro"], cwd=d, env=env)
+        if args.ray_head:
+            env["RAY_ADDRESS"] = start_head(env)
+        try:
+            res = run_measured(["dvc", "repro"], cwd=d, env=env)
+        finally:
+            if args.ray_head:
+                subprocess.run(["ray", "stop"], env=env, capture_output=True)
         if res["returncode"] != 0:
             print(res["output"][-5000:])
             raise SystemExit("dvc repro failed")
@@ -142,6 +180,7 @@ def main() -> None:
     record = {
         "seed": args.seed,
         "overrides": overrides,
+        "ray_head": args.ray_head,
         "wall_s": res["wall_s"],
         "peak_pss_mib": res["peak_pss_mib"],
         "peak_rss_mib": res["peak_rss_mib"],
