@@ -55,6 +55,16 @@ def fresh_copy(dst: Path, seed: int, overrides: dict) -> None:
         subprocess.run(cmd, cwd=dst, check=True)
 
 
+def repro_env() -> dict:
+    """This environment for a benchmark's `dvc repro`: this venv's tools first, no tracking
+    server or Ray cluster inherited (the embedded defaults)."""
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    for var in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS"):
+        env.pop(var, None)
+    return env
+
+
 def mean_std(xs):
     return statistics.mean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
 
@@ -67,10 +77,7 @@ def main() -> None:
     ap.add_argument("--keep", type=Path, help="keep each repository as KEEP/seed<N>")
     args = ap.parse_args()
     overrides = {k: yaml.safe_load(v) for k, _, v in (s.partition("=") for s in args.set)}
-    env = dict(os.environ)
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
-    for var in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS"):
-        env.pop(var, None)
+    env = repro_env()
     runs = []
     for seed in args.seeds:
         with contextlib.ExitStack() as stack:

@@ -37,7 +37,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _procs import run_measured  # noqa: E402
-from repro_seeds import fresh_copy  # noqa: E402
+from repro_seeds import fresh_copy, repro_env  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 START = re.compile(r"Running stage '([\w-]+)'")
@@ -153,10 +153,7 @@ def main() -> None:
         print(markdown(record["stages"], record["wall_s"]))
         return
     overrides = {k: yaml.safe_load(v) for k, _, v in (s.partition("=") for s in args.set)}
-    env = dict(os.environ)
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
-    for var in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS"):
-        env.pop(var, None)
+    env = repro_env()
     with tempfile.TemporaryDirectory() as tmp:
         d = args.keep or Path(tmp)
         d.mkdir(parents=True, exist_ok=True)
