@@ -114,6 +114,16 @@ class DataConfig(_Section):
     min_objects: NonNegInt = 1
     max_objects: PositiveInt = 4
     query_mix: QueryMix = QueryMix()
+    queries_per_image: Annotated[int, Field(ge=1, le=16)] = Field(
+        4,
+        description="Queries (sample rows) per generated image, each kind drawn from "
+        "query_mix; 1 = one query per image (benchmark v3). The splits count queries.",
+    )
+    expressions_per_object: PositiveInt = Field(
+        2,
+        description="One-to-one queries of an image refer to the same object this many at a "
+        "time (RefCOCO: about 3 expressions per object).",
+    )
     gap: GapConfig = GapConfig()
     slic_segments: Annotated[int, Field(ge=4, le=255)] = Field(
         32, description="Target number of SLIC superpixels per image."

@@ -34,7 +34,7 @@ from components.data.cityscapes import classes_for, semantic_samples
 from components.data.convert import merge_summaries, sample_rows, shard_summary, superpixels
 from components.data.refer import refer_samples
 from components.data.schema import SAMPLE_SCHEMA, DataError, encode_png, encode_rle, write_shard
-from components.data.synthetic import CATEGORIES, generate_sample
+from components.data.synthetic import CATEGORIES, generate_range
 from components.data.video import a2d_samples, jhmdb_samples
 from components.data.vocab import Vocab
 from components.io import atomic_path, fingerprint, write_json
@@ -62,14 +62,15 @@ SPLITS = [
 
 
 def make_rows(cfg: DataConfig, seed: int, domain: str, split: str, start: int, stop: int):
-    rows = []
-    for i in range(start, stop):
-        s = generate_sample(cfg, seed, domain, split, i)
+    rows, regions = [], {}  # superpixels once per image
+    for s in generate_range(cfg, seed, domain, split, start, stop):
         h, w = s["semantic"].shape
+        if s["image_id"] not in regions:
+            regions = {s["image_id"]: encode_png(superpixels(s["image"], cfg))}
         rows.append(
             {
                 "sample_id": s["sample_id"],
-                "image_id": s["sample_id"],
+                "image_id": s["image_id"],
                 "domain": domain,
                 "split": split,
                 "height": h,
@@ -83,7 +84,7 @@ def make_rows(cfg: DataConfig, seed: int, domain: str, split: str, start: int, s
                 "semantic_png": encode_png(s["semantic"]),
                 "instance_rles": [encode_rle(m) for m in s["instances"]],
                 "instance_categories": s["instance_categories"],
-                "superpixels_png": encode_png(superpixels(s["image"], cfg)),
+                "superpixels_png": regions[s["image_id"]],
             }
         )
     return pa.Table.from_pylist(rows, schema=SAMPLE_SCHEMA)
@@ -298,27 +299,41 @@ def _finish_on_disk(
 
 
 def _accumulate(stats: dict, key: str, table: pa.Table) -> None:
-    s = stats.setdefault(key, {"n": 0, "types": Counter(), "categories": Counter()})
+    s = stats.setdefault(
+        key, {"n": 0, "types": Counter(), "categories": Counter(), "images": set()}
+    )
     s["n"] += table.num_rows
     s["types"].update(table.column("query_type").to_pylist())
-    for cats in table.column("instance_categories").to_pylist():
-        s["categories"].update(cats)
+    seen = set()  # an image's objects count once (the rows of an image repeat them)
+    for image, cats in zip(
+        table.column("image_id").to_pylist(),
+        table.column("instance_categories").to_pylist(),
+        strict=True,
+    ):
+        if image not in seen and image not in s["images"]:
+            s["categories"].update(cats)
+        seen.add(image)
+    s["images"] |= seen
 
 
 def _finish(s: dict) -> dict:
     total = max(1, sum(s["categories"].values()))
     return {
         "n": s["n"],
+        "images": len(s["images"]),
+        "queries_per_image": s["n"] / max(1, len(s["images"])),
         "query_types": {k: v / s["n"] for k, v in sorted(s["types"].items())},
         "category_freq": {str(k): v / total for k, v in sorted(s["categories"].items())},
     }
 
 
 def _metric(split: dict) -> dict:
-    """A split's DVC metrics: its size, and for a dataset on disk its summary's numbers."""
-    out = {"n": split["n"]}
-    if "images" in split:
-        out["images"] = split["images"]
+    """A split's DVC metrics: its size in queries and images, and for a dataset on disk its
+    summary's numbers."""
+    out = {"n": split["n"], "images": split["images"]}
+    if "queries_per_image" in split:
+        out["queries_per_image"] = split["queries_per_image"]
+    if "skipped" in split:
         out["expressions_per_image"] = split["expressions_per_image"]["mean"]
         out.update({f"{k}_queries": v for k, v in split["query_types"].items()})
         out["skipped"] = sum(split["skipped"].values())

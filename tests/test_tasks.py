@@ -34,6 +34,7 @@ def _dataset(root, params, rows=6, mutate=None):
 
 
 def test_semantic_split_is_one_sample_per_image(tmp_path, tiny_raw):
+    tiny_raw["data"]["queries_per_image"] = 1  # an image per row, but for the one made below
     params = parse_params(tiny_raw)
 
     def duplicate_image(table):  # two queries on the same image
@@ -51,6 +52,7 @@ def test_semantic_split_is_one_sample_per_image(tmp_path, tiny_raw):
 
 
 def test_class_ids_outside_the_classes_name_file_and_sample(tmp_path, tiny_raw):
+    tiny_raw["data"]["queries_per_image"] = 1  # the bad map is row 2's own image
     params = parse_params(tiny_raw)
 
     def bad_class(table):

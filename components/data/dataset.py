@@ -45,6 +45,17 @@ class SplitArrays:
     lengths: np.ndarray  # (N,) int64
     true_categories: np.ndarray  # (N,) first referred category, 0 if none (diagnostics only)
     labels: np.ndarray | None = None  # (N, H, W) uint8 semantic map, 255 = ignore
+    image_ids: list[str] | None = None  # (N,) the image each sample shows (None: its own)
+
+    def images_index(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(first, of)``: the first row of each distinct image, in order of appearance, and
+        for every row the position of its image in ``first``."""
+        ids = self.image_ids if self.image_ids is not None else self.sample_ids
+        _, first, of = np.unique(np.asarray(ids), return_index=True, return_inverse=True)
+        order = np.argsort(first)  # images in order of appearance
+        rank = np.empty_like(order)
+        rank[order] = np.arange(len(order))
+        return first[order], rank[of]
 
     def __len__(self) -> int:
         return len(self.sample_ids)
@@ -76,7 +87,7 @@ def load_split(
     """
     semantic = task == "semantic"
     images, masks, sps, toks, lens, labels = [], [], [], [], [], []
-    ids, qtypes, queries, cats = [], [], [], []
+    ids, image_ids, qtypes, queries, cats = [], [], [], [], []
     seen: set[str] = set()
     for path in shard_paths(Path(root), domain, split):
         for row in read_shards([path], LOAD_COLUMNS).to_pylist():
@@ -102,6 +113,7 @@ def load_split(
                 lens.append(n)
                 queries.append(row["query"])
             ids.append(row["image_id"] if semantic else row["sample_id"])
+            image_ids.append(row["image_id"])
             qtypes.append(row["query_type"])
             cats.append((row["target_categories"] or [0])[0])
     return SplitArrays(
@@ -116,6 +128,7 @@ def load_split(
         true_categories=np.asarray(cats, dtype=np.int64),
         # a referring dataset without semantic maps (e.g. RefCOCO) carries no labels
         labels=None if any(lb is None for lb in labels) else np.stack(labels),
+        image_ids=image_ids,
     )
 
 

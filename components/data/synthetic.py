@@ -12,7 +12,12 @@ Source and target differ in exactly the three ways SDA (Section 1) names, each w
 * cross-modal relation bias (``relation_bias``): source queries mostly name colours, target
   queries mostly name categories, sizes and spatial relations.
 
-Every sample is generated from its own ``SeedSequence((seed, domain, split, index))``, so the
+Benchmark v4: an image carries ``queries_per_image`` queries (default 4; each query is one
+sample row, the rows of an image share its ``image_id``), as a RefCOCO image carries several
+expressions of several objects; every image lies in one split. At one query per image the
+generator gives benchmark v3 exactly.
+
+Every image is generated from its own ``SeedSequence((seed, domain, split, image))``, so the
 data does not depend on sharding or on which Ray worker made it.
 """
 
@@ -283,8 +288,12 @@ def _translate(words: list[str], gap: float, domain: str, rng) -> str:
     return " ".join(words)
 
 
-def make_query(objs: list[Obj], kind: str, cfg: DataConfig, domain: str, rng):
-    """Return (query text, referred object indices) or None if this image cannot host ``kind``."""
+def make_query(
+    objs: list[Obj], kind: str, cfg: DataConfig, domain: str, rng, referent: int | None = None
+):
+    """Return (query text, referred object indices) or None if this image cannot host ``kind``.
+
+    ``referent``: the object a one-to-one query must describe (None: a random one)."""
     gap = cfg.gap
     w = style_weights(gap.relation_bias, domain)
     styles = list(rng.choice(STYLES, size=len(STYLES), replace=False, p=w))
@@ -293,7 +302,7 @@ def make_query(objs: list[Obj], kind: str, cfg: DataConfig, domain: str, rng):
     if kind == "one":
         if not objs:
             return None
-        t = int(rng.integers(len(objs)))
+        t = int(rng.integers(len(objs))) if referent is None else referent
         words = _describe_one(objs, t, styles, rng)
         if words is None:
             return None
@@ -326,32 +335,43 @@ def make_query(objs: list[Obj], kind: str, cfg: DataConfig, domain: str, rng):
 
 
 # --------------------------------------------------------------------------- samples
-def generate_sample(cfg: DataConfig, seed: int, domain: str, split: str, index: int) -> dict:
-    """One sample as plain arrays: image, semantic map, instance masks, query, target mask."""
-    rng = np.random.default_rng(
-        np.random.SeedSequence((seed, DOMAINS[domain], SPLITS[split], index))
-    )
-    mix = cfg.query_mix
-    kind = str(rng.choice(["one", "many", "zero"], p=[mix.one, mix.many, mix.zero]))
-    for _attempt in range(200):
-        lo = max(cfg.min_objects, 2 if kind == "many" else 1 if kind == "one" else 0)
-        n = int(rng.integers(lo, max(lo, cfg.max_objects) + 1))
-        objs = place_objects(n, cfg, domain, rng)
-        if kind == "many" and len(objs) >= 2 and rng.random() < 0.5:
-            objs[1].color = objs[0].color  # guarantee a shared attribute half of the time
-        image, semantic = render(objs, cfg.image_size, cfg.gap, domain, rng)
-        objs = [o for o in objs if o.mask.any()]
-        out = make_query(objs, kind, cfg, domain, rng)
-        if out is not None:
-            break
-    else:  # pragma: no cover - guarded by the attempt budget above
-        raise RuntimeError(f"could not generate a {kind!r} sample for {domain}/{split}/{index}")
-    query, referred = out
+def _image_queries(objs: list[Obj], kinds: list[str], cfg: DataConfig, domain: str, rng):
+    """One query per slot of ``kinds`` on one image, or None if the image cannot host them.
+
+    One-to-one slots share referents ``expressions_per_object`` at a time, so an image has
+    several referred objects and each of them more than one expression (as in RefCOCO); a
+    second expression of an object is drawn again (other styles) when it repeats the first.
+    """
+    perm = rng.permutation(len(objs)) if objs else np.array([], dtype=int)
+    per = cfg.expressions_per_object
+    out, seen = [], set()
+    for slot, kind in enumerate(kinds):
+        referent = None
+        if kind == "one":
+            j = kinds[:slot].count("one")
+            if len(perm) == 0:
+                return None
+            referent = int(perm[min(j // per, len(perm) - 1)])
+        for attempt in range(8):
+            # an object no description singles out gives way to another one
+            who = referent if attempt < 4 else None
+            q = make_query(objs, kind, cfg, domain, rng, referent=who)
+            if q is not None and q[0] not in seen:
+                break
+        if q is None:
+            return None
+        seen.add(q[0])
+        out.append(q)
+    return out
+
+
+def _sample(objs, image, semantic, kind, query, referred, domain, split, sid, image_id):
     target = np.zeros(semantic.shape, dtype=bool)
     for i in referred:
         target |= objs[i].mask
     return {
-        "sample_id": f"{domain}-{split}-{index:06d}",
+        "sample_id": sid,
+        "image_id": image_id,
         "domain": domain,
         "split": split,
         "image": image,
@@ -363,3 +383,64 @@ def generate_sample(cfg: DataConfig, seed: int, domain: str, split: str, index: 
         "instances": [o.mask for o in objs],
         "instance_categories": [o.category + 1 for o in objs],
     }
+
+
+def generate_image(cfg: DataConfig, seed: int, domain: str, split: str, image: int) -> list[dict]:
+    """The ``cfg.queries_per_image`` samples of one image, as plain arrays: image, semantic
+    map, instance masks, and per sample its query and target mask.
+
+    Sample ``k`` of image ``i`` has index ``i * queries_per_image + k`` in its split. At one
+    query per image, sample ``i`` is exactly benchmark v3's sample ``i`` (same draws, and its
+    image id is its sample id).
+    """
+    q = cfg.queries_per_image
+    rng = np.random.default_rng(
+        np.random.SeedSequence((seed, DOMAINS[domain], SPLITS[split], image))
+    )
+    mix = cfg.query_mix
+    kinds = [
+        str(rng.choice(["one", "many", "zero"], p=[mix.one, mix.many, mix.zero])) for _ in range(q)
+    ]
+    for _attempt in range(200):
+        need = 2 if "many" in kinds else 1 if "one" in kinds else 0
+        lo = max(cfg.min_objects, need)
+        n = int(rng.integers(lo, max(lo, cfg.max_objects) + 1))
+        objs = place_objects(n, cfg, domain, rng)
+        if "many" in kinds and len(objs) >= 2 and rng.random() < 0.5:
+            objs[1].color = objs[0].color  # guarantee a shared attribute half of the time
+        pixels, semantic = render(objs, cfg.image_size, cfg.gap, domain, rng)
+        objs = [o for o in objs if o.mask.any()]
+        if q == 1:
+            one = make_query(objs, kinds[0], cfg, domain, rng)
+            queries = None if one is None else [one]
+        else:
+            queries = _image_queries(objs, kinds, cfg, domain, rng)
+        if queries is not None:
+            break
+    else:  # pragma: no cover - guarded by the attempt budget above
+        raise RuntimeError(f"could not generate image {domain}/{split}/{image} ({kinds})")
+    samples = []
+    for k, (kind, (query, referred)) in enumerate(zip(kinds, queries, strict=True)):
+        sid = f"{domain}-{split}-{image * q + k:06d}"
+        image_id = sid if q == 1 else f"{domain}-{split}-image{image:06d}"
+        samples.append(
+            _sample(objs, pixels, semantic, kind, query, referred, domain, split, sid, image_id)
+        )
+    return samples
+
+
+def generate_range(cfg: DataConfig, seed: int, domain: str, split: str, start: int, stop: int):
+    """Samples ``start`` to ``stop - 1`` of a split (an image cut by either end is generated
+    whole, its other samples dropped)."""
+    q = cfg.queries_per_image
+    out = []
+    for image in range(start // q, (stop - 1) // q + 1):
+        for k, s in enumerate(generate_image(cfg, seed, domain, split, image)):
+            if start <= image * q + k < stop:
+                out.append(s)
+    return out
+
+
+def generate_sample(cfg: DataConfig, seed: int, domain: str, split: str, index: int) -> dict:
+    """Sample ``index`` of a split (see ``generate_image``)."""
+    return generate_range(cfg, seed, domain, split, index, index + 1)[0]
