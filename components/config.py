@@ -412,6 +412,28 @@ class MasksConfig(TrainConfig):
         True, description="Start from a copy of the stage-1 visual encoder (assumed)."
     )
     fg_threshold: Fraction = Field(0.3, description="CAM foreground threshold (IRN: 0.30).")
+    score_threshold: Fraction = Field(
+        0.5,
+        description="A sample's mask is kept only where the classifier's sigmoid score for "
+        "its category on the image reaches this (assumed).",
+    )
+    cam_last_stride: Literal[1, 2] = Field(
+        1,
+        description="1: the classifier's last stage keeps its resolution (CAM at 1/4 of the "
+        "image, as CAM / IRN drop the last stride); 2: the encoder's 1/8.",
+    )
+    pooling: Literal["lse", "gap", "max"] = Field(
+        "lse",
+        description="Class maps to image logits: lse (log-sum-exp, measured: localises on "
+        "the object), gap (CAM's average: reads categories off the background with a "
+        "GroupNorm encoder), max.",
+    )
+    lse_r: Annotated[float, Field(gt=0)] = Field(5.0, description="Sharpness of lse pooling.")
+    val_fraction: Annotated[float, Field(ge=0, lt=1)] = Field(
+        0.1,
+        description="Share of target train images (by id) held out for the classifier's "
+        "label-free val mAP against their pseudo-labels; 0 = none.",
+    )
 
 
 class AdaptConfig(TrainConfig):

@@ -90,6 +90,14 @@ def load_labels(folder: str | Path, data: SplitArrays) -> tuple[np.ndarray, np.n
     return rows["category"].to_numpy(np.int64), rows["common"].to_numpy(bool)
 
 
+def load_predicted_empty(folder: str | Path, data: SplitArrays) -> np.ndarray:
+    """(N,) bool: the stage-1 model finds nothing for the sample's query (``semantics``)."""
+    table = _stage_table(folder, "labels.parquet", "semantics")
+    if "predicted_empty" not in table.columns:
+        raise DataError(f"{folder}/labels.parquet: no predicted_empty column (re-run semantics)")
+    return table.loc[data.sample_ids, "predicted_empty"].to_numpy(bool)
+
+
 def load_masks(folder: str | Path, data: SplitArrays) -> np.ndarray:
     """Semantic-based masks (N, H, W) of the ``masks`` stage aligned with ``data`` by id."""
     table = _stage_table(folder, "semantic_masks.parquet", "masks")

@@ -1,16 +1,21 @@
 """Stage ``masks``: semantic-based target masks (SDA Section 3.3.2, Appendix B.2).
 
-Trains the independent multi-label classifier on target training images with the target
-semantic categories (Eq. 12) through Ray Train, then turns each sample's class activation map
-into a mask (``components.adaptation.sda.cam``). Target ground truth is read only to report
-the masks' IoU as a diagnostic, never for training.
+Trains the independent multi-label classifier through Ray Train on the target training
+*images*, each labelled with the categories of all its queries (the CSM categories of
+``semantics``; a query the stage-1 model finds nothing for contributes none), then turns each
+sample's class activation map into a mask (``components.adaptation.sda.cam``). A tenth of the
+images (``val_fraction``, chosen by image id) is held out: the classifier's multi-label mAP on
+them against the same pseudo-labels is its label-free validation metric. Target ground truth
+is read only to report the masks' IoU as a diagnostic, never for training or selection.
 
-Outputs: ``--out/semantic_masks.parquet`` (sample_id, category, mask_rle),
-``--out/classifier.pt``; ``--metrics``: the diagnostic IoU and the classifier's last loss.
+Outputs: ``--out/semantic_masks.parquet`` (sample_id, category, score, mask_rle),
+``--out/classifier.pt``; ``--metrics``: the classifier's loss against the label-prior loss, its
+val mAP, the share of masks kept by the score check, and the diagnostic IoU.
 """
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +29,9 @@ from components import train_loop
 from components.adaptation.sda.cam import (
     MultiLabelClassifier,
     category_cam,
+    label_prior_loss,
+    mean_average_precision,
+    multi_hot,
     multilabel_loss,
     superpixel_refine,
 )
@@ -35,7 +43,7 @@ from components.io import atomic_path, write_json
 from components.metrics import referring_metrics
 from components.models.network import _unwrap, load_trained
 from components.runtime import init_ray
-from components.stage_io import load_labels, load_query_split
+from components.stage_io import load_labels, load_predicted_empty, load_query_split
 from components.tracking import log_history, stage_run
 from components.training import autocast
 from pipelines.common import repo_root
@@ -44,64 +52,134 @@ from pipelines.common import repo_root
 @dataclass(frozen=True)
 class ClassifierInputs:
     encoder_state: dict | None  # the stage-1 visual encoder, or None (from scratch)
-    classes: np.ndarray  # (N,) contiguous target category of each target train sample
+    labels: np.ndarray  # (I, K) multi-hot pseudo-labels of the target train images
+    image_rows: np.ndarray  # (I,) a row of ``data`` showing each image
+    train: np.ndarray  # image positions the classifier trains on
+    val: np.ndarray  # held-out image positions (val mAP); may be empty
     data_ref: ray.ObjectRef  # target train split
+
+
+def held_out(image_ids: list[str], fraction: float) -> np.ndarray:
+    """(I,) bool: the images held out for validation, a fixed share chosen by id."""
+    out = np.array([zlib.crc32(i.encode()) % 1000 < fraction * 1000 for i in image_ids])
+    if fraction > 0 and len(out) > 1 and not out.any():
+        out[-1] = True  # tiny data: still one image to validate on
+    if out.all():
+        out[0] = False
+    return out
+
+
+def classifier(k: int, widths: list[int], cfg, encoder_state: dict | None = None):
+    """The multi-label classifier as ``masks`` params configure it."""
+    return MultiLabelClassifier(
+        k, widths, encoder_state, cfg.cam_last_stride, cfg.pooling, cfg.lse_r
+    )
 
 
 def setup_classifier(spec: train_loop.PhaseSpec) -> train_loop.Phase:
     tcfg, inp = spec.train_config(), spec.payload
-    widths = spec.params.model.widths
     data: SplitArrays = ray.get(inp.data_ref)
-    classes = torch.tensor(inp.classes)
-    k = int(classes.max()) + 1
-    model = MultiLabelClassifier(k, widths, inp.encoder_state)
-    w = train_loop.prepare_worker(spec, model, len(data), tcfg)
+    labels = torch.from_numpy(inp.labels)
+    model = classifier(labels.shape[1], spec.params.model.widths, tcfg, inp.encoder_state)
+    w = train_loop.prepare_worker(spec, model, len(inp.train), tcfg)
     model, device, rank, indices = w.model, w.device, w.rank, w.indices
     steps, opt, sched = w.steps, w.optimizer, w.scheduler
 
     def run_epoch(epoch: int, tick) -> dict:
         model.train()
         rng = np.random.default_rng((spec.seed, rank, epoch))
-        total, correct, count = 0.0, 0, 0
+        total, count = 0.0, 0
         for bidx in iterate_batches(len(indices), tcfg.batch_size, shuffle=True, rng=rng):
-            rows = indices[bidx]
-            image = to_batch(data, rows, device)["image"]
-            labels = torch.nn.functional.one_hot(classes[rows], k).float().to(device)
+            images = inp.train[indices[bidx]]
+            batch = to_batch(data, inp.image_rows[images], device)["image"]
             with autocast(device, tcfg.amp):
-                logits, _ = model(image)
-                loss = multilabel_loss(logits, labels)
+                logits, _ = model(batch)
+                loss = multilabel_loss(logits.float(), labels[images].to(device))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
-            total += loss.item() * len(rows)
-            correct += int((logits.argmax(1).cpu() == classes[rows]).sum())
-            count += len(rows)
+            total += loss.item() * len(images)
+            count += len(images)
             if tick:
                 tick()
-        return {"loss": total / count, "train_top1": correct / count}
+        return {"loss": total / count}
+
+    @torch.no_grad()
+    def validate() -> dict:
+        if not len(inp.val):
+            return {}
+        model.eval()
+        scores = image_scores(model, data, inp.image_rows[inp.val], device)
+        target = inp.labels[inp.val]
+        bce = multilabel_loss(torch.logit(torch.from_numpy(scores), 1e-6), torch.from_numpy(target))
+        return {"val_loss": float(bce), "val_map": mean_average_precision(target, scores)}
 
     return train_loop.Phase(
         epochs=tcfg.epochs,
         modules={"classifier": model},
         optimizers={"optimizer": opt, "scheduler": sched},
         train_epoch=run_epoch,
-        validate=dict,
+        validate=validate,
         steps_per_epoch=steps,
     )
 
 
 @torch.no_grad()
-def semantic_masks(model, data: SplitArrays, classes: np.ndarray, fg_threshold: float):
-    """CAM of each sample's category, refined over its superpixels -> (N, H, W) bool."""
-    model.eval()
+def image_scores(model, data: SplitArrays, rows: np.ndarray, device=None) -> np.ndarray:
+    """Sigmoid scores (len(rows), K) of the images shown by ``rows``."""
+    device = device or torch.device("cpu")
     out = []
-    for idx in iterate_batches(len(data), 64, shuffle=False):
-        batch = to_batch(data, idx, torch.device("cpu"))
-        _, cams = model(batch["image"])
-        cam = category_cam(cams, torch.from_numpy(classes[idx]), batch["image"].shape[-2:])
-        out.append(superpixel_refine(cam, batch["superpixels"], fg_threshold).numpy())
-    return np.concatenate(out)
+    for idx in iterate_batches(len(rows), 64, shuffle=False):
+        logits, _ = model(to_batch(data, rows[idx], device)["image"])
+        out.append(torch.sigmoid(logits.float()).cpu().numpy())
+    return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+
+
+@torch.no_grad()
+def semantic_masks(model, data: SplitArrays, classes: np.ndarray, cfg):
+    """Each sample's mask from the CAM of its category, refined over its superpixels, empty
+    where the classifier's score for the category is below ``cfg.score_threshold``.
+
+    Returns ``(masks (N, H, W) bool, scores (N,))``; the classifier runs once per image.
+    """
+    model.eval()
+    first, image_of = data.images_index()
+    masks, scores = np.zeros(data.masks.shape, dtype=bool), np.zeros(len(data), np.float32)
+    for idx in iterate_batches(len(first), 64, shuffle=False):
+        batch = to_batch(data, first[idx], torch.device("cpu"))
+        logits, cams = model(batch["image"])
+        prob = torch.sigmoid(logits.float())
+        for pos, image in enumerate(idx):
+            rows = np.flatnonzero(image_of == image)
+            cat = torch.from_numpy(classes[rows])
+            k = len(rows)
+            cam = category_cam(
+                cams[pos : pos + 1].float().expand(k, -1, -1, -1), cat, batch["image"].shape[-2:]
+            )
+            sp = batch["superpixels"][pos : pos + 1].expand(k, -1, -1)
+            refined = superpixel_refine(cam, sp, cfg.fg_threshold)
+            score = prob[pos, cat]
+            refined &= (score >= cfg.score_threshold).view(-1, 1, 1)
+            masks[rows] = refined.numpy()
+            scores[rows] = score.numpy()
+    return masks, scores
+
+
+def classifier_inputs(
+    target: SplitArrays, cats: np.ndarray, empty: np.ndarray, encoder: dict | None, cfg
+) -> tuple[ClassifierInputs, np.ndarray]:
+    """The classifier's training inputs from the target train split, its CSM categories and
+    the stage-1 model's empty predictions; also each sample's contiguous class id (N,)."""
+    _, classes = np.unique(cats, return_inverse=True)  # over the k_t + k_u target categories
+    classes = classes.astype(np.int64)
+    first, image_of = target.images_index()
+    labels = multi_hot(image_of, classes, ~empty, len(first), int(classes.max()) + 1)
+    val = held_out([(target.image_ids or target.sample_ids)[r] for r in first], cfg.val_fraction)
+    inputs = ClassifierInputs(
+        encoder, labels, first, np.flatnonzero(~val), np.flatnonzero(val), ray.put(target)
+    )
+    return inputs, classes
 
 
 def run(
@@ -111,30 +189,38 @@ def run(
     vocab = Vocab.load(data_dir / "vocab.json")
     target = load_query_split(params, data_dir, "target", "train", vocab)
     cats, _ = load_labels(semantics, target)
-    # contiguous class ids over the k_t + k_u target categories
-    _, classes = np.unique(cats, return_inverse=True)
-    classes = classes.astype(np.int64)
+    empty = load_predicted_empty(semantics, target)
     encoder = load_trained(base)[0].visual.state_dict() if tcfg.init_encoder else None
     init_ray(params.runtime)
+    inputs, classes = classifier_inputs(target, cats, empty, encoder, tcfg)
+    labels, val = inputs.labels, inputs.val
+    k = labels.shape[1]
     state = train_loop.fit(
         params,
         "masks",
         tcfg,
         setup_classifier,
-        ClassifierInputs(encoder, classes, ray.put(target)),
+        inputs,
         inputs=[
             *shard_paths(data_dir, "target", "train"),
             base / "model.pt",
             semantics / "labels.parquet",
         ],
     )
-    model = MultiLabelClassifier(int(classes.max()) + 1, params.model.widths)
+    model = classifier(k, params.model.widths, tcfg)
     _unwrap(model).load_state_dict(state["modules"]["classifier"])
-    masks = semantic_masks(model, target, classes, tcfg.fg_threshold)
+    masks, scores = semantic_masks(model, target, classes, tcfg)
     quality = referring_metrics(list(masks), list(target.masks))
+    last = state["history"][-1]
     diag = {
-        "n_classes": int(classes.max()) + 1,
-        "classifier_loss": state["history"][-1]["loss"],
+        "n_classes": k,
+        "images": len(labels),
+        "categories_per_image": float(labels.sum(1).mean()),
+        "queries_without_category": float(empty.mean()),
+        "classifier_loss": last["loss"],
+        "label_prior_loss": label_prior_loss(np.delete(labels, val, axis=0)),
+        **({"val_map": last["val_map"]} if "val_map" in last else {}),
+        "kept_fraction": float(masks.any((1, 2)).mean()),
         "oiou_vs_gt": quality["oiou"],
         "miou_vs_gt": quality["miou"],
         "mask_area": float(masks.mean()),
@@ -143,6 +229,7 @@ def run(
         {
             "sample_id": target.sample_ids,
             "category": cats,
+            "score": scores,
             "mask_rle": [encode_rle(m) for m in masks],
         }
     )

@@ -1,8 +1,9 @@
 """Stage ``semantics``: Content-aware Semantic Modeling from the stage-1 model (SDA Section 3.2).
 
 Runs as one Ray task (local cores or a cluster node). Outputs (under ``--out``):
-``labels.parquet`` (sample_id, domain, category, entropy, common), ``prototypes.npy`` (the
-source content prototypes C^s), ``predictor.pt`` (the word-importance MLP state_dict) and,
+``labels.parquet`` (sample_id, domain, category, entropy, common, predicted_empty: the
+stage-1 model finds nothing for a target query), ``prototypes.npy`` (the source content
+prototypes C^s), ``predictor.pt`` (the word-importance MLP state_dict) and,
 to ``--metrics``, k_s / k_t / k_u with purity and NMI against the benchmark's true categories
 (a diagnostic: never used for training).
 """
@@ -56,6 +57,8 @@ def run(params: Params, data_dir: Path, model_dir: Path, out: Path) -> dict:
             "category": np.concatenate([res.labels_s, res.labels_t]),
             "entropy": np.concatenate([np.zeros(len(source)), res.entropy_t]),
             "common": np.concatenate([np.ones(len(source), bool), res.reliable_t]),
+            # source: the annotation; target: the stage-1 model's prediction (no labels)
+            "predicted_empty": np.concatenate([~source.masks.any((1, 2)), res.empty_t]),
         }
     )
     with atomic_path(out, is_dir=True) as tmp:

@@ -9,7 +9,6 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import ray
 import torch
 
@@ -143,16 +142,14 @@ def run_chain(root: Path, phases=PHASES) -> dict:
     rows, init_state = _run(semantic_init.setup_init, inputs, params, "init")
     out["init"] = _summary(rows, init_state)
 
-    _, classes = np.unique(cats_t, return_inverse=True)
-    classes = classes.astype(np.int64)
-    inputs = masks.ClassifierInputs(stage1.visual.state_dict(), classes, ray.put(target))
+    inputs, classes = masks.classifier_inputs(
+        target, cats_t, res.empty_t, stage1.visual.state_dict(), params.masks
+    )
     rows, mstate = _run(masks.setup_classifier, inputs, params, "masks")
     out["masks"] = _summary(rows, mstate)
-    from components.adaptation.sda.cam import MultiLabelClassifier
-
-    clf = MultiLabelClassifier(int(classes.max()) + 1, mcfg.widths)
+    clf = masks.classifier(inputs.labels.shape[1], mcfg.widths, params.masks)
     clf.load_state_dict(mstate["modules"]["classifier"])
-    sem_masks = masks.semantic_masks(clf, target, classes, params.masks.fg_threshold)
+    sem_masks, _ = masks.semantic_masks(clf, target, classes, params.masks)
     out["masks"]["mask_area"] = float(sem_masks.mean())
 
     adapt_target = replace(target, masks=sem_masks, labels=None)

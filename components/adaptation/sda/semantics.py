@@ -37,6 +37,7 @@ class Extracted:
     weights_pred: np.ndarray  # (N, L) alpha_bar over the predicted foreground
     visual_gt: np.ndarray  # (N, C_v) mean last-layer feature over the annotated foreground
     visual_pred: np.ndarray  # (N, C_v) ... over the predicted foreground
+    empty: np.ndarray  # (N,) bool: the model predicts no foreground for the query
 
 
 @torch.no_grad()
@@ -62,6 +63,7 @@ def extract(model, data: SplitArrays, batch_size: int, device, empty_threshold: 
         )
         parts["visual_gt"].append(csm.mean_pool_visual(out["features"], fg_gt))
         parts["visual_pred"].append(csm.mean_pool_visual(out["features"], fg_pred))
+        parts["empty"].append(~pred.flatten(1).any(1))
     return Extracted(**{k: torch.cat(v).cpu().numpy() for k, v in parts.items()})
 
 
@@ -112,6 +114,7 @@ class SemanticsResult:
     k_u: int
     predictor: torch.nn.Module | None
     predictor_losses: list[float]
+    empty_t: np.ndarray | None = None  # (N_t,) bool: the stage-1 model predicts no foreground
 
 
 def build(src: Extracted, tgt: Extracted, cfg: SemanticsConfig, seed: int) -> SemanticsResult:
@@ -200,4 +203,5 @@ def compute(model, source: SplitArrays, target: SplitArrays, params):
     src = extract(model, source, 64, torch.device("cpu"), thr)
     tgt = extract(model, target, 64, torch.device("cpu"), thr)
     res = build(src, tgt, params.semantics, params.seed)
+    res.empty_t = tgt.empty
     return res, diagnostics(res, source.true_categories, target.true_categories)
