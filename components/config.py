@@ -299,10 +299,12 @@ class ModelConfig(_Section):
     )
     hidden: PositiveInt = Field(64, description="Hidden size C of interaction / decoder.")
     embed_dim: PositiveInt = Field(64, description="Word embedding size of W.")
-    embeddings: Literal["learned", "glove", "transformer"] = Field(
+    embeddings: Literal["learned", "cooccurrence", "glove", "transformer"] = Field(
         "learned",
-        description="Word embeddings W: learned from scratch, GloVe (glove_path) or a BERT-family "
-        "encoder's static word vectors (text_model_path).",
+        description="Word embeddings W, trained on from: a random init (learned), vectors "
+        "fitted on both domains' training query text without labels (cooccurrence: PPMI + "
+        "SVD), GloVe (glove_path) or a BERT-family encoder's static word vectors "
+        "(text_model_path).",
     )
     glove_path: str | None = None
     text_model_path: str | None = Field(

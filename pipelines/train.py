@@ -19,11 +19,11 @@ import torch
 
 from components import train_loop
 from components.config import Params
-from components.data.schema import shard_paths
+from components.data.schema import read_shards, shard_paths
 from components.data.vocab import Vocab
 from components.io import atomic_path
 from components.models.network import _unwrap, save_trained
-from components.models.text import load_glove, load_transformer_embeddings
+from components.models.text import fit_cooccurrence, load_glove, load_transformer_embeddings
 from components.models.visual import imagenet_state, load_backbone
 from components.runtime import init_ray
 from components.stage_io import load_task_split, task_of, write_history
@@ -120,6 +120,15 @@ def run(params: Params, phase: str, data_dir: Path, out_dir: Path) -> dict:
         embeddings = load_glove(mcfg.glove_path, vocab, mcfg.embed_dim, params.seed)
     elif mcfg.embeddings == "transformer" and task.name == "referring":
         embeddings = load_transformer_embeddings(mcfg.text_model_path, vocab, mcfg.embed_dim)
+    elif mcfg.embeddings == "cooccurrence" and task.name == "referring":
+        texts = [  # both domains' training queries: no labels, and the vocabulary's source
+            q
+            for d in ("source", "target")
+            for q in read_shards(shard_paths(data_dir, d, "train"), ["query"])
+            .column("query")
+            .to_pylist()
+        ]
+        embeddings = fit_cooccurrence(texts, vocab, mcfg.embed_dim, seed=params.seed)
     init_ray(params.runtime)
     inputs = SupervisedInputs(
         task,

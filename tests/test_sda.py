@@ -310,6 +310,19 @@ def test_masks_classifier_learns_image_labels_and_its_cam_finds_the_object(tmp_p
     assert on_object > 0.8  # objects cover ~5 % of an image
 
 
+def test_cfb_anchor_cells_keep_a_small_object():
+    from components.adaptation.sda.method import anchor_cells
+
+    mask = torch.zeros(2, 8, 8)
+    mask[0, :4, :4] = 1  # a whole cell of a 2 x 2 grid
+    mask[1, 3:5, 3:5] = 1  # a small object across four cells, a quarter of each
+    half = anchor_cells(mask, (2, 2), "majority")
+    assert half[0].tolist() == [[True, False], [False, False]] and not half[1].any()
+    peak = anchor_cells(mask, (2, 2), "majority_or_peak")
+    assert peak[0].equal(half[0]) and peak[1].sum() == 1  # one anchor, not none
+    assert not anchor_cells(torch.zeros(1, 8, 8), (2, 2), "majority_or_peak").any()
+
+
 # --------------------------------------------------------------------------- Eq. 7
 def test_sda_step_runs_every_branch_and_handles_empty_pseudo_masks():
     torch.manual_seed(0)

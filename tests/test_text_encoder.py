@@ -62,3 +62,23 @@ def test_errors_name_the_field(tiny_bert, tmp_path):
     raw["model"]["embeddings"] = "transformer"
     with pytest.raises(ValueError, match="text_model_path is required"):
         parse_params(raw)
+
+
+def test_cooccurrence_vectors_follow_the_contexts_words_share():
+    """Label-free vectors from query text: words used in the same slots end up close; a word
+    seen only in target-style queries gets a fitted vector, not a random one."""
+    from components.models.text import fit_cooccurrence
+
+    texts = ["the red circle", "the blue circle", "the red square", "the blue square"] * 5
+    texts += ["find the crimson ball", "find the navy ball"] * 5
+    vocab = Vocab.build(texts)
+    table = fit_cooccurrence(texts, vocab, dim=8)
+    assert table.shape == (len(vocab), 8) and table[0].abs().sum() == 0  # <pad>
+    cos = torch.nn.functional.cosine_similarity
+
+    def sim(a: str, b: str) -> float:
+        return float(cos(table[vocab.stoi[a]], table[vocab.stoi[b]], dim=0))
+
+    assert sim("red", "blue") > 0.9 and sim("circle", "square") > 0.9
+    assert sim("red", "blue") > sim("red", "circle") + 0.5
+    assert fit_cooccurrence(texts, vocab, dim=8).equal(table)  # deterministic

@@ -55,6 +55,11 @@ class SDAConfig(MethodSection):
     lambda1: NonNeg = Field(1.0, description="paper")
     lambda2: NonNeg = Field(0.1, description="paper")
     pixels: PositiveInt = Field(256, description="Pixels sampled per batch for contrast.")
+    anchors: Literal["majority", "majority_or_peak"] = Field(
+        "majority",
+        description="CFB's foreground anchor cells at the feature resolution: more than half "
+        "covered by the mask, or also a mask's best-covered cell when it has no such cell.",
+    )
     cfb: bool = Field(True, description="Contrastive Feature Branch on.")
     contrastive: bool = Field(True, description="off = w/o contrastive (plain similarity).")
     memory: bool = Field(True, description="off = w/o memory bank.")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +11,7 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from components.config import ParamsError
-from components.data.vocab import Vocab
+from components.data.vocab import Vocab, tokenize
 
 
 def load_glove(path: str | Path, vocab: Vocab, dim: int, seed: int = 0) -> torch.Tensor:
@@ -37,6 +38,43 @@ def load_glove(path: str | Path, vocab: Vocab, dim: int, seed: int = 0) -> torch
             found += 1
     if found == 0:
         raise ValueError(f"{path}: no word of the vocabulary was found")
+    return torch.from_numpy(table)
+
+
+def fit_cooccurrence(
+    texts: Iterable[str], vocab: Vocab, dim: int, window: int = 2, seed: int = 0
+) -> torch.Tensor:
+    """Embedding matrix (len(vocab), dim) fitted without labels on query text: positive
+    pointwise mutual information of words within ``window`` of each other, reduced to ``dim``
+    by truncated SVD (scikit-learn), scaled to unit variance (``nn.Embedding``'s init).
+
+    Fed the training queries of both domains (the unlabeled target queries are data an
+    adaptation method may read), a word that only target queries use gets a vector from the
+    words around it instead of a random one. ``<pad>`` is zero; ``<unk>`` is the mean word.
+    """
+    from sklearn.decomposition import TruncatedSVD
+
+    n = len(vocab)
+    counts = np.zeros((n, n), dtype=np.float64)
+    for text in texts:
+        ids = [vocab.stoi.get(w, 1) for w in tokenize(text)]
+        for i, a in enumerate(ids):
+            for b in ids[max(0, i - window) : i]:
+                counts[a, b] += 1.0
+                counts[b, a] += 1.0
+    counts[:2] = counts[:, :2] = 0.0  # no vector from <pad> / <unk> contexts
+    total = counts.sum()
+    if total == 0:
+        raise ValueError("no two words of the vocabulary co-occur in the given texts")
+    row = counts.sum(1, keepdims=True)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        pmi = np.log(counts * total / (row * row.T))
+    ppmi = np.where(counts > 0, np.maximum(pmi, 0.0), 0.0)
+    k = max(1, min(dim, n - 3))  # the SVD of an (n - 2)-row matrix has fewer components
+    vecs = TruncatedSVD(n_components=k, random_state=seed).fit_transform(ppmi[2:])
+    table = np.zeros((n, dim), dtype=np.float32)
+    table[2:, : vecs.shape[1]] = vecs / max(vecs.std(), 1e-8)
+    table[1] = table[2:].mean(0)
     return torch.from_numpy(table)
 
 

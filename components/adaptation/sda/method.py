@@ -47,6 +47,23 @@ def cells(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.adaptive_avg_pool2d(mask.float().unsqueeze(1), size)[:, 0] > 0.5
 
 
+def anchor_cells(mask: torch.Tensor, size: tuple[int, int], rule: str) -> torch.Tensor:
+    """CFB's anchor cells (B, h, w) bool of a (B, H, W) mask at the feature resolution.
+
+    ``majority``: cells more than half covered (a thin or small object may have none);
+    ``majority_or_peak``: also, in a sample whose mask has no such cell, its best-covered cell,
+    so every object that is in the mask gives the contrast at least one anchor.
+    """
+    cover = F.adaptive_avg_pool2d(mask.float().unsqueeze(1), size)[:, 0]
+    out = cover > 0.5
+    if rule == "majority_or_peak":
+        flat = cover.flatten(1)
+        peak = F.one_hot(flat.argmax(1), flat.shape[1]).view_as(cover).bool()
+        lonely = ~out.flatten(1).any(1) & (flat.amax(1) > 0)
+        out = out | (peak & lonely.view(-1, 1, 1))
+    return out
+
+
 def sentence(out: dict) -> torch.Tensor:
     """Mean encoded query over real words (B, C): the ``Q`` side of Eq. 6."""
     m = out["word_mask"].unsqueeze(-1).float()
@@ -170,8 +187,8 @@ class SDA(AdaptationMethod):
         """Eq. 4 in both directions, with the memory bank; returns (loss, logs)."""
         cfg = self.cfg
         size = out_s["features"].shape[-2:]
-        src_fg, src_bg = cells(src["mask"], size), cells(1 - src["mask"], size)
-        tgt_fg, tgt_bg = cells(fg_t, size), cells(bg_t, size)
+        src_fg, src_bg = anchor_cells(src["mask"], size, cfg.anchors), cells(1 - src["mask"], size)
+        tgt_fg, tgt_bg = anchor_cells(fg_t, size, cfg.anchors), cells(bg_t, size)
         # only common categories carry foreground identity
         s_ok = (src_cat >= 0) & common_set[src_cat.clamp_min(0)]
         t_ok = tgt_common & (tgt_cat < len(common_set))
