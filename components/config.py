@@ -431,6 +431,12 @@ class MasksConfig(TrainConfig):
         "GroupNorm encoder), max.",
     )
     lse_r: Annotated[float, Field(gt=0)] = Field(5.0, description="Sharpness of lse pooling.")
+    drop_predicted_empty: bool = Field(
+        True,
+        description="A query the stage-1 model finds nothing for adds no category to its "
+        "image's labels (the label-free stand-in for a one-to-zero query; false: every "
+        "query's category counts).",
+    )
     val_fraction: Annotated[float, Field(ge=0, lt=1)] = Field(
         0.1,
         description="Share of target train images (by id) held out for the classifier's "

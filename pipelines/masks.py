@@ -174,7 +174,8 @@ def classifier_inputs(
     _, classes = np.unique(cats, return_inverse=True)  # over the k_t + k_u target categories
     classes = classes.astype(np.int64)
     first, image_of = target.images_index()
-    labels = multi_hot(image_of, classes, ~empty, len(first), int(classes.max()) + 1)
+    use = ~empty if cfg.drop_predicted_empty else np.ones(len(cats), bool)
+    labels = multi_hot(image_of, classes, use, len(first), int(classes.max()) + 1)
     val = held_out([(target.image_ids or target.sample_ids)[r] for r in first], cfg.val_fraction)
     inputs = ClassifierInputs(
         encoder, labels, first, np.flatnonzero(~val), np.flatnonzero(val), ray.put(target)

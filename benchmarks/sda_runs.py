@@ -1,0 +1,95 @@
+"""One table from several timed default runs (``stage_times.py --keep``): per run the
+source-only / SDA / oracle target-test numbers, the share of the source-only -> oracle gap SDA
+closes, the `masks` and `semantics` stages' metrics, wall time and peak memory; groups of runs
+(e.g. seeds of one setting) as mean ± sd.
+
+    python benchmarks/sda_runs.py default=v4_seed0:/tmp/v4s0,v4_seed1:/tmp/v4s1 \
+        visual09=v4_visual09_seed0:/tmp/v4g1
+
+Each name is a ``benchmarks/results/stage_times_<name>.json``; the repository the run kept
+(``:path``, optional) adds its masks / semantics metrics. Writes
+benchmarks/results/sda_runs.json and prints markdown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+MODELS = ("source_only", "sda", "oracle")
+MASKS = ("classifier_loss", "label_prior_loss", "val_map", "kept_fraction", "oiou_vs_gt")
+SEMANTICS = ("k_s", "k_t", "k_u", "purity_target", "nmi_target")
+
+
+def one_run(item: str) -> dict:
+    name, _, kept = item.partition(":")
+    rec = json.loads((RESULTS / f"stage_times_{name}.json").read_text())
+    test = {m: rec["eval"][m]["target_test"] for m in MODELS}
+    so, sda, orc = (test[m]["oiou"] for m in MODELS)
+    row = {
+        "run": name,
+        "seed": rec["seed"],
+        "overrides": rec.get("overrides", {}),
+        **{f"{m}/{k}": test[m][k] for m in MODELS for k in ("oiou", "miou", "map")},
+        "sda/zero_acc": test["sda"].get("zero/acc"),
+        "gap_closed": (sda - so) / (orc - so) if orc != so else float("nan"),
+        "wall_min": rec["wall_s"] / 60,
+        "peak_pss_gib": rec["peak_pss_mib"] / 1024,
+    }
+    repo = Path(kept) if kept else None
+    for stage, keys in (("masks", MASKS), ("semantics", SEMANTICS)):
+        path = repo / "metrics" / f"{stage}.json" if repo else None
+        if path and path.is_file():
+            values = json.loads(path.read_text())
+            row.update({f"{stage}/{k}": values.get(k) for k in keys})
+    return row
+
+
+def summarise(rows: list[dict]) -> dict:
+    out = {}
+    for key in rows[0]:
+        vals = [r.get(key) for r in rows]
+        if all(isinstance(v, int | float) for v in vals):
+            sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
+            out[key] = (statistics.fmean(vals), sd)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("groups", nargs="+", help="label=name[:repo],... (stage_times_<name>.json)")
+    args = ap.parse_args()
+    report = {}
+    for group in args.groups:
+        label, _, names = group.partition("=")
+        rows = [one_run(n) for n in names.split(",")]
+        report[label] = {"runs": rows, "mean_sd": summarise(rows)}
+    (RESULTS / "sda_runs.json").write_text(json.dumps(report, indent=1) + "\n")
+    cols = [
+        "source_only/oiou",
+        "sda/oiou",
+        "oracle/oiou",
+        "gap_closed",
+        "sda/miou",
+        "masks/val_map",
+        "masks/kept_fraction",
+        "masks/oiou_vs_gt",
+        "wall_min",
+    ]
+    print("| setting | runs | " + " | ".join(cols) + " |")
+    print("|---|---|" + "---|" * len(cols))
+    for label, g in report.items():
+        ms = g["mean_sd"]
+        cells = [f"{ms[c][0]:.3f} ± {ms[c][1]:.3f}" if c in ms else "–" for c in cols]
+        print(f"| {label} | {len(g['runs'])} | " + " | ".join(cells) + " |")
+    for label, g in report.items():
+        for r in g["runs"]:
+            cells = [f"{r[c]:.3f}" if isinstance(r.get(c), float) else "–" for c in cols]
+            print(f"| {label}: {r['run']} | 1 | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()
