@@ -353,6 +353,17 @@ def test_sda_step_runs_every_branch_and_handles_empty_pseudo_masks():
     method.cfg = SDAConfig(gamma_max=1.0)
     empty, logs = method.step(labelled(0), labelled(1))
     assert torch.isfinite(empty) and logs["empty_pseudo"] == 1.0
+    # target samples whose semantic mask was dropped: trained towards background, or left out
+    dropped = labelled(1)
+    dropped["mask"] = dropped["mask"].clone()
+    dropped["mask"][:3] = 0
+    method.cfg = SDAConfig(dropped_masks="ignore")
+    _, logs = method.step(labelled(0), dropped)
+    assert logs["aux_samples"] == 1.0 and logs["l_aux"] > 0
+    dropped["mask"][3] = 0
+    _, logs = method.step(labelled(0), dropped)
+    assert logs["aux_samples"] == 0.0 and logs["l_aux"] == 0.0
+    method.cfg = SDAConfig()
     loss.backward()
     assert method.aux.heads[0].out.weight.grad is not None
     assert all(p.grad is None for p in method.teacher.parameters())

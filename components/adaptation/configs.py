@@ -55,6 +55,12 @@ class SDAConfig(MethodSection):
     lambda1: NonNeg = Field(1.0, description="paper")
     lambda2: NonNeg = Field(0.1, description="paper")
     pixels: PositiveInt = Field(256, description="Pixels sampled per batch for contrast.")
+    dropped_masks: Literal["background", "ignore"] = Field(
+        "background",
+        description="Target samples whose semantic mask is empty (the masks stage dropped "
+        "it, or the query names nothing): L_aux trains them towards background, or leaves "
+        "them out.",
+    )
     anchors: Literal["majority", "majority_or_peak"] = Field(
         "majority",
         description="CFB's foreground anchor cells at the feature resolution: more than half "

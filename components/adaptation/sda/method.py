@@ -132,9 +132,20 @@ class SDA(AdaptationMethod):
             aux_mask = tgt["mask"] if cfg.reciprocal_masks else fg_t.float()
             aux_logits, _ = self.aux(out_t["enhanced"])
             aux_full = F.interpolate(aux_logits[0], size=aux_mask.shape[-2:], mode="bilinear")
-            loss_aux = multiscale_bce(aux_logits, aux_full[:, 0], aux_mask)
-            loss_ct = loss_ct + loss_aux
-            logs["l_aux"] = loss_aux.item()
+            # a semantic mask the `masks` stage dropped (its classifier did not believe the
+            # category) is no evidence of background: such samples can be left out
+            keep = torch.ones(len(aux_mask), dtype=torch.bool, device=aux_mask.device)
+            if cfg.reciprocal_masks and cfg.dropped_masks == "ignore":
+                keep = aux_mask.flatten(1).any(1)
+            logs["l_aux"] = 0.0
+            if keep.any():
+                loss_aux = multiscale_bce(
+                    [lg[keep] for lg in aux_logits], aux_full[keep, 0], aux_mask[keep]
+                )
+                loss_ct = loss_ct + loss_aux
+                logs["l_aux"] = loss_aux.item()
+            if cfg.reciprocal_masks and cfg.dropped_masks == "ignore":
+                logs["aux_samples"] = float(keep.sum())
         total = loss_ct
         logs["l_ct"] = loss_ct.item()
 
