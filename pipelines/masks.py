@@ -79,7 +79,7 @@ def classifier(k: int, widths: list[int], cfg, encoder_state: dict | None = None
 def setup_classifier(spec: train_loop.PhaseSpec) -> train_loop.Phase:
     tcfg, inp = spec.train_config(), spec.payload
     data: SplitArrays = ray.get(inp.data_ref)
-    labels = torch.from_numpy(inp.labels)
+    labels = torch.tensor(inp.labels)  # a copy: the payload's arrays are read-only
     model = classifier(labels.shape[1], spec.params.model.widths, tcfg, inp.encoder_state)
     w = train_loop.prepare_worker(spec, model, len(inp.train), tcfg)
     model, device, rank, indices = w.model, w.device, w.rank, w.indices

@@ -37,7 +37,7 @@ class Extracted:
     weights_pred: np.ndarray  # (N, L) alpha_bar over the predicted foreground
     visual_gt: np.ndarray  # (N, C_v) mean last-layer feature over the annotated foreground
     visual_pred: np.ndarray  # (N, C_v) ... over the predicted foreground
-    empty: np.ndarray  # (N,) bool: the model predicts no foreground for the query
+    empty: np.ndarray | None = None  # (N,) bool: the model predicts no foreground
 
 
 @torch.no_grad()
