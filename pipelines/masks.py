@@ -145,13 +145,14 @@ def semantic_masks(model, data: SplitArrays, classes: np.ndarray, cfg):
     """
     model.eval()
     first, image_of = data.images_index()
+    rows_of = np.split(np.argsort(image_of, kind="stable"), np.cumsum(np.bincount(image_of))[:-1])
     masks, scores = np.zeros(data.masks.shape, dtype=bool), np.zeros(len(data), np.float32)
     for idx in iterate_batches(len(first), 64, shuffle=False):
         batch = to_batch(data, first[idx], torch.device("cpu"))
         logits, cams = model(batch["image"])
         prob = torch.sigmoid(logits.float())
         for pos, image in enumerate(idx):
-            rows = np.flatnonzero(image_of == image)
+            rows = rows_of[image]
             cat = torch.from_numpy(classes[rows])
             k = len(rows)
             cam = category_cam(
@@ -176,7 +177,7 @@ def classifier_inputs(
     first, image_of = target.images_index()
     use = ~empty if cfg.drop_predicted_empty else np.ones(len(cats), bool)
     labels = multi_hot(image_of, classes, use, len(first), int(classes.max()) + 1)
-    val = held_out([(target.image_ids or target.sample_ids)[r] for r in first], cfg.val_fraction)
+    val = held_out([target.image_keys[r] for r in first], cfg.val_fraction)
     inputs = ClassifierInputs(
         encoder, labels, first, np.flatnonzero(~val), np.flatnonzero(val), ray.put(target)
     )

@@ -47,11 +47,17 @@ class SplitArrays:
     labels: np.ndarray | None = None  # (N, H, W) uint8 semantic map, 255 = ignore
     image_ids: list[str] | None = None  # (N,) the image each sample shows (None: its own)
 
+    @property
+    def image_keys(self) -> list[str]:
+        """Each sample's image id (its own sample id where the split has none)."""
+        return self.image_ids if self.image_ids is not None else self.sample_ids
+
     def images_index(self) -> tuple[np.ndarray, np.ndarray]:
         """``(first, of)``: the first row of each distinct image, in order of appearance, and
         for every row the position of its image in ``first``."""
-        ids = self.image_ids if self.image_ids is not None else self.sample_ids
-        _, first, of = np.unique(np.asarray(ids), return_index=True, return_inverse=True)
+        _, first, of = np.unique(
+            np.asarray(self.image_keys), return_index=True, return_inverse=True
+        )
         order = np.argsort(first)  # images in order of appearance
         rank = np.empty_like(order)
         rank[order] = np.arange(len(order))
