@@ -10,9 +10,14 @@ at the profile's batch size and image size, on ``--device``. Reported: seconds p
 memory (CUDA: the allocator's peak over the measured steps; CPU: the peak rise of the
 process's RSS from before the network is built, sampled: weights, Adam state and the steps'
 activations in fp32),
-and the host memory the training splits take in today's data path (every sample's image, mask,
-superpixels and label map held as arrays, at the profile's image size) for the dataset's
-published train-split size. Writes ``benchmarks/results/paper_profile.json``.
+and the host memory the training split takes for the dataset's published train-split size, both
+ways a stage can hold it (``runtime.data_in_memory``): ``decoded`` (every sample's image, mask,
+superpixels and label map as arrays at the profile's image size) and ``encoded`` (the samples as
+stored, decoded per batch: measured as the pickled size of such a split, what Ray's object store
+holds, on generated samples at the profile's image size whose images are files read by path as
+a dataset on disk's are; a label map is embedded at the image size here, at the dataset's own
+size in a real conversion). Also the seconds to decode one sample (image from disk, mask,
+superpixels) in the encoded path. Writes ``benchmarks/results/paper_profile.json``.
 """
 
 from __future__ import annotations
@@ -45,6 +50,51 @@ def split_bytes(size: int, semantic: bool) -> int:
     """Bytes one sample takes in ``SplitArrays``: image (uint8 x 3), mask (bool), superpixels
     (int16), a semantic label map (uint8) for the semantic task."""
     return size * size * (3 + 1 + 2 + (1 if semantic else 0))
+
+
+def encoded_split(params, n: int = 48) -> tuple[float, float]:
+    """``(bytes per sample, decode seconds per sample)`` of an encoded split at the profile's
+    image size: ``n`` generated samples, their images written as files and read by path."""
+    import pickle
+    import tempfile
+
+    import numpy as np
+    import pyarrow as pa
+
+    from components.data.dataset import load_split, to_batch
+    from components.data.schema import decode_png, write_shard
+    from components.data.vocab import Vocab
+    from pipelines.prepare import make_rows
+
+    data = params.data.model_copy(update={"dataset": "synthetic", "queries_per_image": 1})
+    table = make_rows(data, 0, "source", "train", 0, n)
+    with tempfile.TemporaryDirectory() as d:
+        folder, names = Path(d) / "source" / "train", []
+        folder.mkdir(parents=True)
+        for i, png in enumerate(table.column("image_png").to_pylist()):
+            # a dataset on disk: a COCO-length file name, the image as a JPEG file
+            names.append(f"COCO_train2014_{i:012d}.jpg")
+            from PIL import Image
+
+            Image.fromarray(decode_png(png)).save(Path(d) / names[-1], quality=90)
+        table = table.set_column(
+            table.schema.get_field_index("image_png"), "image_png", pa.array([b""] * n)
+        )
+        table = table.set_column(
+            table.schema.get_field_index("image_path"), "image_path", pa.array(names)
+        )
+        write_shard(table, folder / "part-00000.parquet")
+        vocab = Vocab.build(table.column("query").to_pylist())
+        m, semantic = params.model, params.data.task == "semantic"
+        split = load_split(
+            d, "source", "train", vocab, m.max_words, m.num_superpixels,
+            params.data.task, CITYSCAPES_CLASSES if semantic else None,
+            image_root=d, size=params.data.image_size, in_memory="encoded",
+        )  # fmt: skip
+        per_sample = len(pickle.dumps(split)) / n
+        start = time.perf_counter()
+        to_batch(split, np.arange(n), torch.device("cpu"))
+        return per_sample, (time.perf_counter() - start) / n
 
 
 def batch_for(task, params, b: int, device) -> dict:
@@ -108,7 +158,6 @@ def measure(name: str, steps: int, device_name: str) -> dict:
     done.set()
     thread.join()
     peak_mib = torch.cuda.max_memory_allocated() / 2**20 if cuda else (peak[0] - base) / 2**20
-    n_train = TRAIN_SAMPLES[params.data.dataset]
     return {
         "profile": name,
         "device": torch.cuda.get_device_name() if cuda else "cpu (2 cores)",
@@ -119,8 +168,22 @@ def measure(name: str, steps: int, device_name: str) -> dict:
         "seconds_per_step": round(seconds, 2),
         "peak_step_mib": round(peak_mib, 1),
         "peak_kind": "cuda allocator" if cuda else "RSS rise: weights, Adam, steps (fp32)",
+        **host_columns(name),
+    }
+
+
+def host_columns(name: str) -> dict:
+    """The train split's host memory, decoded and encoded, and the per-sample decode time."""
+    params = read_params(str(ROOT / "params.yaml"), profile_overrides(name))
+    n_train = TRAIN_SAMPLES[params.data.dataset]
+    semantic = params.data.task == "semantic"
+    per_sample, decode_s = encoded_split(params)
+    return {
         "train_samples": n_train,
         "host_split_gib": round(n_train * split_bytes(params.data.image_size, semantic) / 2**30, 1),
+        "encoded_bytes_per_sample": round(per_sample),
+        "host_split_encoded_gib": round(n_train * per_sample / 2**30, 2),
+        "decode_ms_per_sample": round(1000 * decode_s, 1),
     }
 
 
@@ -129,7 +192,19 @@ def main() -> None:
     ap.add_argument("--profiles", nargs="+", default=["sda-refcoco", "gta5-cityscapes"])
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument(
+        "--host-only",
+        action="store_true",
+        help="re-measure only the host-memory and decode columns of the saved rows",
+    )
     args = ap.parse_args()
+    if args.host_only:
+        saved = json.loads(OUT.read_text())
+        for row in saved["rows"]:
+            row.update(host_columns(row["profile"]))
+            print(json.dumps(row), flush=True)
+        OUT.write_text(json.dumps(saved, indent=1) + "\n")
+        return
     # a fresh process per profile: an allocator keeps what an earlier profile freed
     ctx = multiprocessing.get_context("spawn")
     with ctx.Pool(1, maxtasksperchild=1) as pool:

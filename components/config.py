@@ -58,6 +58,12 @@ class RuntimeConfig(_Section):
     train_cpus: PositiveInt | None = Field(
         None, description="CPUs one training run takes (null = all the cluster's)."
     )
+    data_in_memory: Literal["decoded", "encoded"] = Field(
+        "decoded",
+        description="How a stage holds a split: decoded arrays (fast; memory grows with the "
+        "dataset's decoded size), or the samples as stored, decoded per batch (memory: the "
+        "encoded split plus a batch; for datasets on disk).",
+    )
     max_failures: Annotated[int, Field(ge=-1)] = Field(
         0,
         description="Restarts of a training phase's workers after a failure (a lost node), "

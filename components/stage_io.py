@@ -69,6 +69,7 @@ def _load(params, data_dir, domain, split, vocab, task_name, num_classes) -> Spl
         num_classes,
         image_root=d.root,
         size=d.image_size if d.on_disk else None,  # on disk: images of many sizes
+        in_memory=params.runtime.data_in_memory,
     )
 
 

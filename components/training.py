@@ -80,7 +80,7 @@ def epoch_batches(
     if not zero_interleave:
         yield from iterate_batches(len(indices), batch_size, shuffle=True, rng=rng)
         return
-    order = zero_interleaved_order(~data.masks[indices].any(axis=(1, 2)), rng)
+    order = zero_interleaved_order(~data.has_mask()[indices], rng)
     for start in range(0, len(order), batch_size):
         yield order[start : start + batch_size]
 

@@ -109,7 +109,7 @@ def figures(
         model.eval()
         feats[name] = {}
         for domain, data in splits.items():
-            rows = np.flatnonzero(data.masks.any((1, 2)))[:n]
+            rows = np.flatnonzero(data.has_mask())[:n]
             batch = to_batch(data, rows, torch.device("cpu"))
             f = model(batch["image"], batch["tokens"], batch["lengths"], batch["superpixels"])
             mean, _ = masked_mean(f["features"], cells(batch["mask"], f["features"].shape[-2:]))

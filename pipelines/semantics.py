@@ -58,7 +58,7 @@ def run(params: Params, data_dir: Path, model_dir: Path, out: Path) -> dict:
             "entropy": np.concatenate([np.zeros(len(source)), res.entropy_t]),
             "common": np.concatenate([np.ones(len(source), bool), res.reliable_t]),
             # source: the annotation; target: the stage-1 model's prediction (no labels)
-            "predicted_empty": np.concatenate([~source.masks.any((1, 2)), res.empty_t]),
+            "predicted_empty": np.concatenate([~source.has_mask(), res.empty_t]),
         }
     )
     with atomic_path(out, is_dir=True) as tmp:

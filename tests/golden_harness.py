@@ -95,15 +95,16 @@ def _summary(rows: list[dict], state: dict) -> dict:
     return {"history": keep, "weights_abs_sum": sums}
 
 
-def run_chain(root: Path, phases=PHASES) -> dict:
-    """Every phase of ``phases`` in pipeline order; returns what the golden file pins."""
+def run_chain(root: Path, phases=PHASES, in_memory: str = "decoded") -> dict:
+    """Every phase of ``phases`` in pipeline order; returns what the golden file pins.
+    ``in_memory``: how the splits are held (``runtime.data_in_memory``)."""
     torch.set_num_threads(1)
     params = golden_params()
     make_data(root, params)
     mcfg = params.model
     vocab = Vocab.load(root / "vocab.json")
     args = (vocab, mcfg.max_words, mcfg.num_superpixels)
-    split = {(d, s): load_split(root, d, s, *args) for d, s in SIZES}
+    split = {(d, s): load_split(root, d, s, *args, in_memory=in_memory) for d, s in SIZES}
     out: dict = {}
 
     task = make_task("referring", mcfg)
@@ -165,11 +166,11 @@ def run_chain(root: Path, phases=PHASES) -> dict:
     rows, astate = _run(setup_adapt, inputs, params, "adapt")
     out["adapt"] = _summary(rows, astate)
     if "semantic" in phases:
-        out.update(semantic_chain(root, params, vocab))
+        out.update(semantic_chain(root, params, vocab, in_memory))
     return out
 
 
-def semantic_chain(root: Path, params: Params, vocab: Vocab) -> dict:
+def semantic_chain(root: Path, params: Params, vocab: Vocab, in_memory: str) -> dict:
     """The semantic task: stage-1 training, then DACS (ClassMix) from it (pinned since the
     task was added)."""
     from components.data.synthetic import CATEGORIES
@@ -178,7 +179,9 @@ def semantic_chain(root: Path, params: Params, vocab: Vocab) -> dict:
     task = make_task("semantic", params.model, classes)
     m = params.model
     split = {
-        key: load_split(root, *key, vocab, m.max_words, m.num_superpixels, "semantic", 7)
+        key: load_split(
+            root, *key, vocab, m.max_words, m.num_superpixels, "semantic", 7, in_memory=in_memory
+        )
         for key in SIZES
     }
     inputs = train.SupervisedInputs(
@@ -197,7 +200,7 @@ def semantic_chain(root: Path, params: Params, vocab: Vocab) -> dict:
     raw["tune"].pop("space")
     dacs_params = parse_params(raw, "golden-dacs")
     target = split[("target", "train")]
-    target = replace(target, masks=target.masks * False, labels=None)
+    target = target.without_masks()
     inputs = AdaptInputs(
         task,
         len(vocab),
@@ -227,7 +230,7 @@ def train_model(params: Params, vocab_size: int, state: dict):
 PINNED_ISA = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_CBWR": "AVX2"}
 
 
-def run_chain_pinned(root: Path, phases=PHASES) -> dict:
+def run_chain_pinned(root: Path, phases=PHASES, in_memory: str = "decoded") -> dict:
     """:func:`run_chain` in a fresh process with :data:`PINNED_ISA` (it must be set before
     the process's first kernel runs, so not in the test process)."""
     import json
@@ -239,7 +242,7 @@ def run_chain_pinned(root: Path, phases=PHASES) -> dict:
 
     env = {**os.environ, **PINNED_ISA, "PYTHONPATH": str(ROOT)}
     env.pop("RAY_ADDRESS", None)
-    cmd = [sys.executable, "-m", "tests.golden_harness", str(root), *phases]
+    cmd = [sys.executable, "-m", "tests.golden_harness", in_memory, str(root), *phases]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     if proc.returncode:
         raise RuntimeError(f"golden run failed:\n{proc.stderr[-3000:]}")
@@ -254,5 +257,6 @@ if __name__ == "__main__":
 
     use_loopback()
     ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=100 * 2**20)
-    result = run_chain(Path(sys.argv[1]), tuple(sys.argv[2:]) or PHASES)
+    in_memory, root, *phases = sys.argv[1:]
+    result = run_chain(Path(root), tuple(phases) or PHASES, in_memory)
     print(json.dumps(result))

@@ -182,7 +182,8 @@ def test_prepare_converts_gta5_to_cityscapes_with_a_summary(tmp_path):
 @pytest.mark.slow
 def test_one_epoch_pipeline_on_synthia_to_cityscapes(tmp_path):
     """``adaseg prepare``, ``pretrain``, ``evaluate`` on SYNTHIA -> Cityscapes as a user runs
-    them: the 16 shared classes, terrain ignored, mIoU and mIoU* in ``eval.json``."""
+    them: the 16 shared classes, terrain ignored, mIoU and mIoU* in ``eval.json`` (the splits
+    held encoded: images and label maps decoded per batch)."""
     root = tmp_path / "data"
     write_synthia(root, n=12)
     write_cityscapes(root, n_train=12, n_val=4)
@@ -191,6 +192,7 @@ def test_one_epoch_pipeline_on_synthia_to_cityscapes(tmp_path):
         {"task": "semantic", "dataset": "synthia", "target_dataset": "cityscapes",
          "root": str(root), "shard_size": 8, "image_size": 32}
     )  # fmt: skip
+    raw["runtime"]["data_in_memory"] = "encoded"  # label maps decoded per batch, and evaluated
     m = one_epoch(tmp_path, _semantic(raw), evaluate=True)
     assert json.loads((tmp_path / "prep/classes.json").read_text()) == list(SYNTHIA_CLASSES)
     ev = m["evaluate"]["model"]["target_test"]

@@ -57,6 +57,13 @@ def test_every_phase_computes_what_it_computed_before(golden_run):
     _compare(golden_run, want, "golden")
 
 
+def test_splits_held_encoded_compute_the_same_numbers(tmp_path):
+    # runtime.data_in_memory: encoded decodes each batch's rows from the stored samples; every
+    # phase, the semantic task included, must see the same pixels and so compute the same
+    want = json.loads(GOLDEN.read_text())
+    _compare(harness.run_chain_pinned(tmp_path, in_memory="encoded"), want, "encoded")
+
+
 def test_golden_run_is_deterministic(golden_run):
     # the guard means something only if a second run reproduces the first one exactly
     with tempfile.TemporaryDirectory() as d:

@@ -192,11 +192,51 @@ def test_prepare_skips_a_missing_image_and_counts_it(tmp_path):
     assert stats["source_val"]["skipped"] == {}
 
 
+@pytest.mark.usefixtures("ray_local")
+def test_a_split_held_encoded_decodes_the_same_batches_from_disk(tmp_path):
+    """``runtime.data_in_memory: encoded``: the split keeps image paths, RLEs and superpixel
+    PNGs, not pixels, and decodes a batch's rows from disk to what the decoded split holds;
+    an image that goes missing after loading is an error naming the shard and sample."""
+    import pickle as std_pickle
+
+    import torch
+
+    from components.data.dataset import load_split, to_batch
+    from components.data.vocab import Vocab
+    from pipelines.prepare import run
+
+    root = tmp_path / "data"
+    write_refer(root, "refcoco", "unc", n_images=8)
+    out, params = tmp_path / "prepared", _params(root)
+    run(params, out)
+    vocab = Vocab.load(out / "vocab.json")
+    args = (out, "source", "train", vocab, 8, 16)
+    kw = {"image_root": root, "size": params.data.image_size}
+    decoded = load_split(*args, **kw)
+    encoded = load_split(*args, **kw, in_memory="encoded")
+    assert encoded.encoded and not decoded.encoded
+    assert len(std_pickle.dumps(encoded)) < len(std_pickle.dumps(decoded)) / 4
+    assert encoded.images.shape == decoded.images.shape
+    assert (encoded.has_mask() == decoded.has_mask()).all()
+    rows = np.random.default_rng(0).permutation(len(decoded))[:5]
+    for key, value in to_batch(decoded, rows, torch.device("cpu")).items():
+        assert torch.equal(to_batch(encoded, rows, torch.device("cpu"))[key], value), key
+    with pytest.raises(TypeError, match="decoded by rows"):
+        np.asarray(encoded.images)
+    hidden = encoded.without_masks()
+    assert not hidden.has_mask().any() and not hidden.masks[rows].any()
+    first = root / IMAGE_DIR / file_name(9)  # image 0, the split's first rows
+    first.unlink()
+    with pytest.raises(DataError, match=r"part-\d+\.parquet: sample \S+: cannot decode its image"):
+        encoded.images[:1]
+
+
 # ------------------------------------------------------------------------- one epoch
 @pytest.mark.slow
 def test_one_epoch_pipeline_on_a_refcoco_to_refcoco_plus_pair(tmp_path):
     """``adaseg prepare`` then ``adaseg pretrain`` on the fixture pair, as a
-    user runs them: images read from disk at data.image_size, metrics written."""
+    user runs them: images read from disk at data.image_size (per batch, the splits held
+    encoded), metrics written."""
     root = tmp_path / "data"
     write_refer(root, "refcoco", "unc", n_images=12)
     write_refer(root, "refcoco+", "unc", n_images=12, seed=1)
@@ -205,6 +245,7 @@ def test_one_epoch_pipeline_on_a_refcoco_to_refcoco_plus_pair(tmp_path):
         {"dataset": "refcoco", "target_dataset": "refcoco+", "root": str(root), "shard_size": 16}
     )
     raw["data"]["image_size"] = 32
+    raw["runtime"]["data_in_memory"] = "encoded"  # the decoded path runs everywhere else
     m = one_epoch(tmp_path, raw)
     assert m["prepare"]["source_train"]["images"] == 6
     assert m["prepare"]["source_train"]["skipped"] == 0

@@ -186,7 +186,7 @@ def load_inputs(
         semantic_masks = load_masks(required_input(params, "masks", masks), target)
         target = replace(target, masks=semantic_masks, labels=None)
     else:
-        target = replace(target, masks=np.zeros_like(target.masks), labels=None)
+        target = target.without_masks()
     upstream = Upstream()
     if "semantics" in requires:
         folder = required_input(params, "semantics", semantics)

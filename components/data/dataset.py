@@ -3,17 +3,34 @@
 A split is held as uint8 / bool arrays (a few MB for the default benchmark), so the driver can
 put it in Ray's object store once and every Ray Train worker, local or remote, reads it from there
 without a shared file system.
+
+For datasets too large for that (``runtime.data_in_memory: encoded``) a split keeps its samples
+as they are stored (PNG bytes or an image path, the mask's RLE, the superpixels' PNG) and
+decodes only the rows a batch asks for: :class:`EncodedField` stands where the arrays stood, so
+every stage and method indexes it the same way. Host memory is then the encoded size of the
+split plus one batch, instead of its decoded size.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import torch
+from PIL import UnidentifiedImageError
 
-from components.data.schema import DataError, decode_sample, read_shards, shard_paths
+from components.data.schema import (
+    DataError,
+    decode_png,
+    decode_rle,
+    decode_sample,
+    read_image,
+    read_shards,
+    resize,
+    shard_paths,
+)
 from components.data.vocab import Vocab
 
 LOAD_COLUMNS = [
@@ -28,7 +45,110 @@ LOAD_COLUMNS = [
     "image_id",
     "semantic_png",
 ]
+ENCODED_COLUMNS = [
+    "sample_id",
+    "image_png",
+    "image_path",
+    "target_rle",
+    "superpixels_png",
+    "semantic_png",
+]
 IGNORE_INDEX = 255
+
+
+@dataclass(frozen=True)
+class EncodedRows:
+    """A split's samples as stored: one row per sample of ``table`` (``ENCODED_COLUMNS``) and
+    the shard it came from (``shard_of`` into ``shards``), to name in errors. Every row was
+    decoded once when the split was loaded, so its fields are known to be valid."""
+
+    table: pa.Table
+    shards: list[str]
+    shard_of: np.ndarray  # (N,) int32
+    nonempty: np.ndarray  # (N,) bool: the (resized) target mask has a pixel
+    size: int  # every field is decoded at size x size
+    num_superpixels: int
+    semantic: bool  # the semantic task: the mask is the map's foreground
+    image_root: str | None
+
+    def decode(self, field: str, rows: np.ndarray) -> np.ndarray:
+        """``field`` (image / mask / superpixels / semantic) of ``rows``, stacked."""
+        out = []
+        taken = self.table.take(pa.array(rows, pa.int64())).to_pylist()
+        for i, row in zip(rows, taken, strict=True):
+            try:
+                out.append(self._field(field, row))
+            except (UnidentifiedImageError, OSError, ValueError, TypeError) as err:
+                where = f"{self.shards[self.shard_of[i]]}: sample {row['sample_id']}"
+                raise DataError(f"{where}: cannot decode its {field} ({err})") from None
+        return np.stack(out)
+
+    def _field(self, field: str, row: dict) -> np.ndarray:
+        if field == "image":
+            if row.get("image_png"):
+                image = decode_png(row["image_png"])
+            else:
+                image = read_image(Path(self.image_root or ".") / row["image_path"])
+            return resize(image, self.size, nearest=False)
+        if field == "superpixels":
+            sp = decode_png(row["superpixels_png"]).astype(np.int16)
+            return np.minimum(sp, self.num_superpixels - 1)
+        if field == "semantic" or (field == "mask" and self.semantic):
+            label = resize(decode_png(row["semantic_png"]).astype(np.uint8), self.size, True)
+            return label if field == "semantic" else (label > 0) & (label != IGNORE_INDEX)
+        return resize(decode_rle(row["target_rle"]), self.size, nearest=True)
+
+
+class EncodedField:
+    """One field of an :class:`EncodedRows` split, indexed like the decoded array it stands for
+    (``field[rows]`` with an int, a slice, an index or a boolean array) and decoded on access.
+    ``blank`` fields read as all-zero (a target split whose masks are hidden)."""
+
+    _SHAPE = {"image": (3,), "mask": (), "superpixels": (), "semantic": ()}
+    _DTYPE = {"image": np.uint8, "mask": np.bool_, "superpixels": np.int16, "semantic": np.uint8}
+
+    def __init__(self, rows: EncodedRows, field: str, blank: bool = False):
+        self.rows, self.field, self.blank = rows, field, blank
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        size = self.rows.size
+        return (len(self), size, size, *self._SHAPE[self.field])
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(self._DTYPE[self.field])
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def __len__(self) -> int:
+        return len(self.rows.shard_of)
+
+    def __getitem__(self, idx) -> np.ndarray:
+        if isinstance(idx, (int, np.integer)):
+            return self[np.asarray([idx])][0]
+        if isinstance(idx, slice):
+            rows = np.arange(len(self))[idx]
+        else:
+            rows = np.asarray(idx)
+            rows = np.flatnonzero(rows) if rows.dtype == bool else rows.astype(np.int64)
+        if self.blank:
+            return np.zeros((len(rows), *self.shape[1:]), self.dtype)
+        if len(rows) == 0:
+            return np.zeros((0, *self.shape[1:]), self.dtype)
+        return self.rows.decode(self.field, rows)
+
+    def __iter__(self):
+        for start in range(0, len(self), 64):
+            yield from self[start : start + 64]
+
+    def __array__(self, dtype=None, copy=None):
+        raise TypeError(
+            f"the {self.field} field of an encoded split is decoded by rows (field[rows]); "
+            "converting it whole would decode the split into memory"
+        )
 
 
 @dataclass
@@ -66,6 +186,27 @@ class SplitArrays:
     def __len__(self) -> int:
         return len(self.sample_ids)
 
+    @property
+    def encoded(self) -> bool:
+        """The split keeps its samples encoded and decodes rows on access."""
+        return isinstance(self.images, EncodedField)
+
+    def has_mask(self) -> np.ndarray:
+        """(N,) bool: the sample's mask has a pixel (False for a one-to-zero query)."""
+        if isinstance(self.masks, EncodedField):
+            if self.masks.blank:
+                return np.zeros(len(self), bool)
+            return self.masks.rows.nonempty.copy()
+        return self.masks.reshape(len(self.masks), -1).any(axis=1)
+
+    def without_masks(self) -> SplitArrays:
+        """The split with every mask empty and no label maps: a target split as an
+        unsupervised method may see it."""
+        if isinstance(self.masks, EncodedField):
+            blank = EncodedField(self.masks.rows, "mask", blank=True)
+            return replace(self, masks=blank, labels=None)
+        return replace(self, masks=np.zeros_like(self.masks), labels=None)
+
 
 def load_split(
     root: str | Path,
@@ -78,6 +219,7 @@ def load_split(
     num_classes: int | None = None,
     image_root: str | Path | None = None,
     size: int | None = None,
+    in_memory: str = "decoded",
 ) -> SplitArrays:
     """Read and validate ``<root>/<domain>/<split>/*.parquet``.
 
@@ -88,32 +230,56 @@ def load_split(
     Images kept on disk are read from ``image_root / image_path``; with ``size`` every sample
     is brought to ``size`` x ``size`` (a dataset on disk has images of many sizes).
 
+    ``in_memory="encoded"`` (``runtime.data_in_memory``) decodes every row once to validate
+    it, then keeps only its encoded columns: images, masks, superpixels and maps are
+    :class:`EncodedField` views decoded per batch. Peak memory: the encoded split plus one
+    shard decoded.
+
     Raises:
         DataError: naming the shard and sample id of any bad row.
     """
     semantic = task == "semantic"
+    encoded = in_memory == "encoded"
     images, masks, sps, toks, lens, labels = [], [], [], [], [], []
     ids, image_ids, qtypes, queries, cats = [], [], [], [], []
+    tables, shards, shard_of, nonempty, shape = [], [], [], [], None
     seen: set[str] = set()
     for path in shard_paths(Path(root), domain, split):
-        for row in read_shards([path], LOAD_COLUMNS).to_pylist():
+        table = read_shards([path], LOAD_COLUMNS)
+        kept = []
+        for pos, row in enumerate(table.to_pylist()):
             if semantic:
                 if row["image_id"] in seen:
                     continue
                 seen.add(row["image_id"])
             has_map = semantic or bool(row.get("semantic_png"))
             dec = decode_sample(row, path, has_map, not semantic, image_root=image_root, size=size)
-            images.append(dec["image"])
-            sps.append(np.minimum(dec["superpixels"].astype(np.int16), num_superpixels - 1))
-            labels.append(dec.get("semantic"))
             if semantic:
                 check_classes(dec["semantic"], num_classes, path, row["sample_id"])
-                masks.append((dec["semantic"] > 0) & (dec["semantic"] != IGNORE_INDEX))
+                mask = (dec["semantic"] > 0) & (dec["semantic"] != IGNORE_INDEX)
+            else:
+                mask = dec["mask"]
+            if encoded:  # validated; keep the row as stored, not its arrays
+                shape = shape or dec["image"].shape
+                if dec["image"].shape != shape or dec["superpixels"].shape != shape[:2]:
+                    raise DataError(
+                        f"{path}: sample {row['sample_id']}: image / superpixels of size "
+                        f"{dec['image'].shape[:2]}, {dec['superpixels'].shape}, not {shape[:2]} "
+                        "as the split's first sample"
+                    )
+                kept.append(pos)
+                nonempty.append(bool(mask.any()))
+                labels.append(None if not has_map else True)
+            else:
+                images.append(dec["image"])
+                sps.append(np.minimum(dec["superpixels"].astype(np.int16), num_superpixels - 1))
+                labels.append(dec.get("semantic"))
+                masks.append(mask)
+            if semantic:
                 toks.append(np.zeros(max_words, dtype=np.int64))
                 lens.append(1)
                 queries.append("")
             else:
-                masks.append(dec["mask"])
                 t, n = vocab.encode(row["query"], max_words)
                 toks.append(t)
                 lens.append(n)
@@ -122,19 +288,46 @@ def load_split(
             image_ids.append(row["image_id"])
             qtypes.append(row["query_type"])
             cats.append((row["target_categories"] or [0])[0])
+        if encoded:
+            tables.append(table.select(ENCODED_COLUMNS).take(pa.array(kept, pa.int64())))
+            shard_of += [len(shards)] * len(kept)
+            shards.append(str(path))
+    # a referring dataset without semantic maps (e.g. RefCOCO) carries no labels
+    has_labels = bool(labels) and all(lb is not None for lb in labels)
+    if encoded:
+        rows = EncodedRows(
+            table=pa.concat_tables(tables).combine_chunks(),
+            shards=shards,
+            shard_of=np.asarray(shard_of, dtype=np.int32),
+            nonempty=np.asarray(nonempty, dtype=bool),
+            size=shape[0],
+            num_superpixels=num_superpixels,
+            semantic=semantic,
+            image_root=None if image_root is None else str(image_root),
+        )
+        fields = {f: EncodedField(rows, f) for f in ("image", "mask", "superpixels", "semantic")}
+        arrays = {
+            "images": fields["image"],
+            "masks": fields["mask"],
+            "superpixels": fields["superpixels"],
+            "labels": fields["semantic"] if has_labels else None,
+        }
+    else:
+        arrays = {
+            "images": np.stack(images),
+            "masks": np.stack(masks),
+            "superpixels": np.stack(sps),
+            "labels": np.stack(labels) if has_labels else None,
+        }
     return SplitArrays(
         sample_ids=ids,
         query_types=qtypes,
         queries=queries,
-        images=np.stack(images),
-        masks=np.stack(masks),
-        superpixels=np.stack(sps),
         tokens=np.stack(toks),
         lengths=np.asarray(lens, dtype=np.int64),
         true_categories=np.asarray(cats, dtype=np.int64),
-        # a referring dataset without semantic maps (e.g. RefCOCO) carries no labels
-        labels=None if any(lb is None for lb in labels) else np.stack(labels),
         image_ids=image_ids,
+        **arrays,
     )
 
 
