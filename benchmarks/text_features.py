@@ -8,8 +8,14 @@ transformer``), same data, seeds and schedule, evaluated on target test.
 
 Per seed: ``adaseg prepare`` once, then for each variant ``adaseg pretrain`` and ``adaseg
 evaluate`` with the default params plus the variant's overrides (``--set`` adds more, e.g.
-``data.gap.language_gap=0.0``). Writes ``benchmarks/results/text_features.json``: per variant
-and seed the source-only target-test (and source-val) metrics, and mean +- sd over seeds.
+``data.gap.language_gap=0.0``). Writes ``benchmarks/results/text_features[_<tag>].json``: per
+variant and seed the source-only target-test (and source-val) metrics, and mean +- sd over
+seeds. The language gap alone (every other gap knob at 0; source val is then the no-gap
+reference):
+
+    python benchmarks/text_features.py --work /tmp/text-lang --seeds 0 1 --tag language_only \
+        --text-model <model> --set data.gap.visual_gap=0 --set data.gap.content_shift=0 \
+        --set data.gap.relation_bias=0
 """
 
 from __future__ import annotations
@@ -44,7 +50,9 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--text-model", required=True, help="local BERT-family model directory")
     ap.add_argument("--set", action="append", default=[], help="extra key=value for all runs")
+    ap.add_argument("--tag", default="", help="suffix of the result file")
     args = ap.parse_args()
+    out = OUT.with_name(f"text_features_{args.tag}.json") if args.tag else OUT
     base = yaml.safe_load((ROOT / "params.yaml").read_text())
     variants = {
         "learned": [],
@@ -86,7 +94,7 @@ def main() -> None:
                     sd = statistics.stdev(xs) if len(xs) > 1 else 0.0
                     summary[f"{name}/{split}/{key}"] = [statistics.mean(xs), sd]
     results["summary"] = summary
-    OUT.write_text(json.dumps(results, indent=1) + "\n")
+    out.write_text(json.dumps(results, indent=1) + "\n")
     print(json.dumps(summary, indent=1))
 
 
