@@ -318,6 +318,11 @@ class ModelConfig(_Section):
         description="Local directory of a BERT-family encoder (Hugging Face layout), read "
         "offline; its hidden size must equal embed_dim.",
     )
+    text_encoder: Literal["gru", "contextual"] = Field(
+        "gru",
+        description="gru: a Bi-GRU over the word embeddings W (SDA); contextual: the "
+        "text_model_path encoder reads the whole query and is fine-tuned (DMMI's BERT).",
+    )
     max_words: Annotated[int, Field(ge=2, le=64)] = 12
     scales: Annotated[int, Field(ge=1, le=4)] = Field(3, description="N_m (paper: 3 for images).")
     num_superpixels: Annotated[int, Field(ge=1, le=256)] = Field(
@@ -335,6 +340,14 @@ class ModelConfig(_Section):
             raise ValueError("glove_path is required when embeddings is 'glove'")
         if self.embeddings == "transformer" and not self.text_model_path:
             raise ValueError("text_model_path is required when embeddings is 'transformer'")
+        if self.text_encoder == "contextual":
+            if not self.text_model_path:
+                raise ValueError("text_model_path is required when text_encoder is 'contextual'")
+            if self.embeddings != "learned":
+                raise ValueError(
+                    f"embeddings: {self.embeddings} has no effect with text_encoder: contextual "
+                    "(W is the encoder's own input embeddings); leave it at learned"
+                )
         if self.arch == "dmmi" and self.hidden % self.dmmi.ccr_heads:
             raise ValueError(
                 f"dmmi.ccr_heads ({self.dmmi.ccr_heads}) must divide hidden ({self.hidden})"

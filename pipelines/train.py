@@ -23,7 +23,12 @@ from components.data.schema import read_shards, shard_paths
 from components.data.vocab import Vocab
 from components.io import atomic_path
 from components.models.network import _unwrap, save_trained
-from components.models.text import fit_cooccurrence, load_glove, load_transformer_embeddings
+from components.models.text import (
+    contextual_subtokens,
+    fit_cooccurrence,
+    load_glove,
+    load_transformer_embeddings,
+)
 from components.models.visual import imagenet_state, load_backbone
 from components.runtime import init_ray
 from components.stage_io import load_task_split, task_of, write_history
@@ -116,7 +121,9 @@ def run(params: Params, phase: str, data_dir: Path, out_dir: Path) -> dict:
     train = load_task_split(params, data_dir, domain, "train", task, vocab)
     val = load_task_split(params, data_dir, domain, "val", task, vocab)
     embeddings = None
-    if mcfg.embeddings == "glove" and task.name == "referring":
+    if mcfg.text_encoder == "contextual" and task.name == "referring":
+        embeddings = contextual_subtokens(mcfg.text_model_path, vocab, mcfg.embed_dim)
+    elif mcfg.embeddings == "glove" and task.name == "referring":
         embeddings = load_glove(mcfg.glove_path, vocab, mcfg.embed_dim, params.seed)
     elif mcfg.embeddings == "transformer" and task.name == "referring":
         embeddings = load_transformer_embeddings(mcfg.text_model_path, vocab, mcfg.embed_dim)

@@ -28,7 +28,7 @@ from torch import nn
 from components.config import DMMIConfig, ModelConfig
 from components.models.decoder import MultiScaleDecoder, referring_outputs
 from components.models.mba import MBA
-from components.models.text import QueryEncoder
+from components.models.text import build_query_encoder
 from components.models.visual import build_visual
 
 MASK_TOKEN = 1  # <unk>: an erased word is a word the encoder cannot read
@@ -95,7 +95,7 @@ class DMMINet(nn.Module):
         super().__init__()
         self.visual = build_visual(cfg)
         self.scales = cfg.scales
-        self.query = QueryEncoder(vocab_size, cfg.embed_dim, cfg.hidden, embeddings)
+        self.query = build_query_encoder(cfg, vocab_size, embeddings)
         chans = self.visual.out_channels[-cfg.scales :]
         d = cfg.dmmi
         self.mba = nn.ModuleList(MBA(c, cfg.hidden, d.windows, d.spans) for c in chans)

@@ -15,7 +15,7 @@ from components.config import ModelConfig
 from components.models.decoder import MultiScaleDecoder, referring_outputs
 from components.models.dmmi import DMMINet
 from components.models.interaction import Interaction
-from components.models.text import QueryEncoder
+from components.models.text import build_query_encoder
 from components.models.visual import build_visual
 
 
@@ -24,7 +24,7 @@ class QuerySegNet(nn.Module):
         super().__init__()
         self.visual = build_visual(cfg)
         self.scales = cfg.scales
-        self.query = QueryEncoder(vocab_size, cfg.embed_dim, cfg.hidden, embeddings)
+        self.query = build_query_encoder(cfg, vocab_size, embeddings)
         chans = self.visual.out_channels[-cfg.scales :]
         self.interactions = nn.ModuleList(
             Interaction(c, cfg.hidden, cfg.num_superpixels) for c in chans

@@ -1,4 +1,5 @@
-"""Query side of the base network (SDA Appendix A): word embeddings W and a Bi-GRU giving Q."""
+"""Query side of the base network (SDA Appendix A): word embeddings W and a Bi-GRU giving Q, or
+a BERT-family encoder read offline that reads the whole query in context (DMMI's text side)."""
 
 from __future__ import annotations
 
@@ -78,21 +79,8 @@ def fit_cooccurrence(
     return torch.from_numpy(table)
 
 
-def load_transformer_embeddings(
-    path: str | Path, vocab: Vocab, dim: int, batch_size: int = 256
-) -> torch.Tensor:
-    """Embedding matrix (len(vocab), dim) from a BERT-family encoder in a local directory
-    (Hugging Face layout: ``config.json``, weights, tokenizer files), read offline.
-
-    Each vocabulary word is encoded alone (``[CLS] word [SEP]``) and the last hidden states of
-    its sub-word tokens are averaged: a static vector per word, so the rest of the network
-    (Bi-GRU, CSM's content vectors) is unchanged and words seen only in target queries get a
-    meaningful vector instead of a random one. ``<pad>`` is zero; ``<unk>`` is the mean word.
-
-    Raises:
-        ParamsError: naming the field: the directory is missing or not a model, or the
-            encoder's hidden size is not ``model.embed_dim``.
-    """
+def _load_local_encoder(path: str | Path, dim: int):
+    """``(tokenizer, encoder)`` of a local Hugging Face model folder, offline, checked."""
     from transformers import AutoModel, AutoTokenizer
 
     folder = Path(path)
@@ -110,6 +98,25 @@ def load_transformer_embeddings(
         raise ParamsError(
             f"model.embed_dim: {dim}, but the encoder in {folder} has hidden size {hidden}"
         )
+    return tokenizer, encoder
+
+
+def load_transformer_embeddings(
+    path: str | Path, vocab: Vocab, dim: int, batch_size: int = 256
+) -> torch.Tensor:
+    """Embedding matrix (len(vocab), dim) from a BERT-family encoder in a local directory
+    (Hugging Face layout: ``config.json``, weights, tokenizer files), read offline.
+
+    Each vocabulary word is encoded alone (``[CLS] word [SEP]``) and the last hidden states of
+    its sub-word tokens are averaged: a static vector per word, so the rest of the network
+    (Bi-GRU, CSM's content vectors) is unchanged and words seen only in target queries get a
+    meaningful vector instead of a random one. ``<pad>`` is zero; ``<unk>`` is the mean word.
+
+    Raises:
+        ParamsError: naming the field: the directory is missing or not a model, or the
+            encoder's hidden size is not ``model.embed_dim``.
+    """
+    tokenizer, encoder = _load_local_encoder(path, dim)
     words = vocab.itos[2:]
     table = torch.zeros(len(vocab), dim)
     with torch.no_grad():
@@ -148,3 +155,94 @@ class QueryEncoder(nn.Module):
         out, _ = self.gru(packed)
         q, _ = pad_packed_sequence(out, batch_first=True, total_length=tokens.shape[1])
         return words, q  # (B, N, E), (B, N, C)
+
+
+#: word pieces kept per vocabulary word by the contextual encoder (longer words are cut)
+SUBTOKENS = 8
+
+
+def contextual_subtokens(path: str | Path, vocab: Vocab, dim: int) -> torch.Tensor:
+    """The contextual encoder's view of the vocabulary: (len(vocab) + 1, SUBTOKENS) int64,
+    row i the encoder's own sub-word ids of word i (-1 padded; ``<pad>`` none, ``<unk>`` the
+    tokeniser's mask token, read as "some word here"), and a last row holding the ids of its
+    ``[CLS]``, ``[SEP]`` and pad tokens.
+
+    Raises:
+        ParamsError: as :func:`load_transformer_embeddings`.
+    """
+    tokenizer, _ = _load_local_encoder(path, dim)
+    table = torch.full((len(vocab) + 1, SUBTOKENS), -1, dtype=torch.long)
+    unknown = tokenizer.mask_token_id
+    table[1, 0] = unknown if unknown is not None else tokenizer.unk_token_id
+    for i, word in enumerate(vocab.itos[2:], start=2):
+        ids = tokenizer(word, add_special_tokens=False)["input_ids"][:SUBTOKENS]
+        table[i, : len(ids)] = torch.tensor(ids or [tokenizer.unk_token_id])
+    cls = tokenizer.cls_token_id if tokenizer.cls_token_id is not None else tokenizer.bos_token_id
+    sep = tokenizer.sep_token_id if tokenizer.sep_token_id is not None else tokenizer.eos_token_id
+    table[-1, :3] = torch.tensor([cls, sep, tokenizer.pad_token_id or 0])
+    return table
+
+
+class ContextualQueryEncoder(nn.Module):
+    """Token ids -> (W, Q) through a BERT-family encoder that reads the whole query
+    (``model.text_encoder: contextual``, DMMI's text side), fine-tuned with the network.
+
+    Our ids are mapped to the encoder's sub-word ids (:func:`contextual_subtokens`, a buffer
+    saved with the weights), the query is read as ``[CLS] pieces [SEP]``, and each word's
+    pieces are averaged back into one vector per word: W from the encoder's input embeddings
+    (E = its hidden size = ``model.embed_dim``), Q from its last hidden states projected to
+    ``model.hidden``. Shapes match :class:`QueryEncoder`'s, so every head and CSM read it
+    unchanged. The weights come from ``model.text_model_path`` when ``subtokens`` is given (a
+    network trained from scratch); otherwise only its config is read and the weights come from
+    a trained state dict.
+    """
+
+    def __init__(self, vocab_size: int, path: str, hidden: int, subtokens=None):
+        super().__init__()
+        from transformers import AutoConfig, AutoModel
+
+        if subtokens is not None:
+            self.encoder = AutoModel.from_pretrained(path, local_files_only=True)
+        else:
+            config = AutoConfig.from_pretrained(path, local_files_only=True)
+            self.encoder = AutoModel.from_config(config)
+        table = torch.full((vocab_size + 1, SUBTOKENS), -1, dtype=torch.long)
+        self.register_buffer("subtokens", table if subtokens is None else subtokens.clone())
+        self.proj = nn.Linear(self.encoder.config.hidden_size, hidden)
+
+    def forward(self, tokens: torch.Tensor, lengths: torch.Tensor):
+        b, n = tokens.shape
+        cls, sep, pad = self.subtokens[-1, :3].tolist()
+        pieces = self.subtokens[tokens]  # (B, N, K), -1 = none
+        pieces = pieces.masked_fill(
+            (
+                torch.arange(n, device=tokens.device) >= lengths.to(tokens.device).view(-1, 1)
+            ).unsqueeze(-1),
+            -1,
+        )  # nothing past a query's length
+        flat = pieces.flatten(1)  # (B, N*K)
+        valid = flat >= 0
+        count = valid.sum(1)  # (B,)
+        pos = valid.cumsum(1)  # 1-based slot after [CLS]
+        t = int(count.max()) + 2
+        ids = torch.full((b, t), pad, dtype=torch.long, device=tokens.device)
+        ids[:, 0] = cls
+        bi, ji = valid.nonzero(as_tuple=True)
+        ids[bi, pos[bi, ji]] = flat[bi, ji]
+        ids[torch.arange(b, device=tokens.device), count + 1] = sep
+        attention = (torch.arange(t, device=tokens.device) < (count + 2).view(-1, 1)).long()
+        states = self.encoder(input_ids=ids, attention_mask=attention).last_hidden_state
+        inputs = self.encoder.get_input_embeddings()(ids)  # (B, T, E)
+        assign = torch.zeros(b, n, t, device=tokens.device, dtype=states.dtype)
+        assign[bi, ji // SUBTOKENS, pos[bi, ji]] = 1.0
+        assign = assign / assign.sum(-1, keepdim=True).clamp_min(1.0)  # mean over a word's pieces
+        words = assign @ inputs.to(states.dtype)  # (B, N, E)
+        return words, self.proj(assign @ states)  # (B, N, E), (B, N, C)
+
+
+def build_query_encoder(cfg, vocab_size: int, embeddings: torch.Tensor | None = None):
+    """``model.text_encoder``: the Bi-GRU over word embeddings W (``embeddings`` their initial
+    table), or the contextual encoder (``embeddings`` its sub-word table)."""
+    if cfg.text_encoder == "contextual":
+        return ContextualQueryEncoder(vocab_size, cfg.text_model_path, cfg.hidden, embeddings)
+    return QueryEncoder(vocab_size, cfg.embed_dim, cfg.hidden, embeddings)
