@@ -318,6 +318,12 @@ class ModelConfig(_Section):
         description="Local directory of a BERT-family encoder (Hugging Face layout), read "
         "offline; its hidden size must equal embed_dim.",
     )
+    clip_pooling: Literal["mean", "none"] = Field(
+        "mean",
+        description="Video datasets (a2d, jhmdb), arch sda: encode each frame of a sample's clip "
+        "(data.clip_frames) and average the features over time (mean), or read the annotated "
+        "frame alone (none).",
+    )
     text_encoder: Literal["gru", "contextual"] = Field(
         "gru",
         description="gru: a Bi-GRU over the word embeddings W (SDA); contextual: the "

@@ -70,6 +70,8 @@ def _load(params, data_dir, domain, split, vocab, task_name, num_classes) -> Spl
         image_root=d.root,
         size=d.image_size if d.on_disk else None,  # on disk: images of many sizes
         in_memory=params.runtime.data_in_memory,
+        # video samples' clips, for the network that pools over them
+        clips=m.arch == "sda" and m.clip_pooling == "mean",
     )
 
 

@@ -22,7 +22,13 @@ from torch import nn
 
 from components.config import ModelConfig
 from components.data.cityscapes import MIOU13_CLASSES, SYNTHIA_CLASSES
-from components.data.dataset import IGNORE_INDEX, SplitArrays, iterate_batches, to_batch
+from components.data.dataset import (
+    IGNORE_INDEX,
+    SplitArrays,
+    iterate_batches,
+    network_inputs,
+    to_batch,
+)
 from components.data.synthetic import ENTITY_NOUNS
 from components.data.vocab import erasure_mask
 from components.losses import multiscale_bce
@@ -122,10 +128,10 @@ class ReferringTask(Task):
     def forward(self, net, batch):
         """The network on a batch; a batch's training-only ``erase`` reaches it only while it
         trains, so evaluation never erases."""
-        args = (batch["image"], batch["tokens"], batch["lengths"], batch["superpixels"])
+        args, kwargs = network_inputs(batch)
         if "erase" in batch and net.training:
-            return net(*args, erase=batch["erase"])
-        return net(*args)
+            return net(*args, erase=batch["erase"], **kwargs)
+        return net(*args, **kwargs)
 
     def training_inputs(self, batch, data, rows, rng):
         """DMMI (``model.arch: dmmi``): ``erase``, (B, N) bool, one entity word of each query

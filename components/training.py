@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from components.config import TrainConfig
-from components.data.dataset import SplitArrays, iterate_batches, to_batch
+from components.data.dataset import SplitArrays, iterate_batches, network_inputs, to_batch
 from components.metrics import referring_metrics
 from components.models.network import predict_masks
 
@@ -137,7 +137,8 @@ def predict(model, data: SplitArrays, batch_size: int, device, empty_threshold: 
     masks, scores = [], []
     for idx in iterate_batches(len(data), batch_size, shuffle=False):
         batch = to_batch(data, idx, device)
-        out = model(batch["image"], batch["tokens"], batch["lengths"], batch["superpixels"])
+        args, kwargs = network_inputs(batch)
+        out = model(*args, **kwargs)
         m, s = predict_masks(out["response"].float(), empty_threshold)
         masks.append(m.cpu().numpy())
         scores.append(s.cpu().numpy())
@@ -174,14 +175,14 @@ def unsupervised_metrics(
     entropy, pixels, inter, union = 0.0, 0, 0, 0
     for idx in iterate_batches(len(data), batch_size, shuffle=False):
         batch = to_batch(data, idx, device)
-        args = (batch["image"], batch["tokens"], batch["lengths"], batch["superpixels"])
-        p = student(*args)["response"].float().clamp(1e-6, 1 - 1e-6)
+        args, kwargs = network_inputs(batch)
+        p = student(*args, **kwargs)["response"].float().clamp(1e-6, 1 - 1e-6)
         h = -(p * p.log2() + (1 - p) * (1 - p).log2())
         entropy += h.sum().item()
         pixels += h.numel()
         if teacher is not None:
             ms, _ = predict_masks(p, empty_threshold)
-            mt, _ = predict_masks(teacher(*args)["response"].float(), empty_threshold)
+            mt, _ = predict_masks(teacher(*args, **kwargs)["response"].float(), empty_threshold)
             inter += (ms & mt).sum().item()
             union += (ms | mt).sum().item()
     out = {"unsup_confidence": 1.0 - entropy / max(1, pixels)}

@@ -108,8 +108,59 @@ def test_prepare_a2d_to_jhmdb_with_frames_by_path_and_a_skipped_frame(tmp_path):
     assert stats["target_test"]["n"] > 0 and stats["source_val"]["n"] > 0
 
 
+@pytest.mark.usefixtures("ray_local")
+def test_a_video_sample_is_encoded_frame_by_frame_and_pooled_over_its_clip(tmp_path):
+    """``model.clip_pooling: mean``: a batch carries each sample's ``data.clip_frames`` frames
+    read from disk, and the network averages its features over the annotated frame and the
+    clip; a clip frame missing on disk is named when the split loads."""
+    import torch
+
+    from components.config import ModelConfig
+    from components.data.dataset import load_split, network_inputs, to_batch
+    from components.data.schema import read_image, resize
+    from components.data.vocab import Vocab
+    from components.models.network import build_model
+    from pipelines.prepare import run
+
+    root = tmp_path / "data"
+    write_a2d(root, n_train=6)
+    raw = tiny_params()
+    raw["data"].update({"dataset": "a2d", "root": str(root), "shard_size": 8, "clip_frames": 3,
+                        "image_size": 32})  # fmt: skip
+    out = tmp_path / "out"
+    run(parse_params(raw), out)
+    vocab = Vocab.load(out / "vocab.json")
+    args = (out, "source", "train", vocab, 8, 16)
+    split = load_split(*args, image_root=root, size=32, clips=True)
+    assert load_split(*args, image_root=root, size=32).clips is None  # clip_pooling: none
+    batch = to_batch(split, np.arange(2), torch.device("cpu"))
+    assert batch["clip"].shape == (2, 3, 3, 32, 32)
+    frame = resize(read_image(root / split.clips.paths[1][2]), 32, nearest=False)
+    want = (torch.tensor(frame).permute(2, 0, 1).float() / 255 - 0.5) / 0.25
+    torch.testing.assert_close(batch["clip"][1, 2], want)
+    net = build_model(ModelConfig(**raw["model"]), len(vocab)).eval()
+    (image, tokens, lengths, sp), kwargs = network_inputs(batch)
+    with torch.no_grad():
+        pooled = net(image, tokens, lengths, sp, **kwargs)
+        alone = net(image, tokens, lengths, sp)
+        # the clip pooling of a clip made of the annotated frame alone changes nothing
+        same = net(image, tokens, lengths, sp, clip=image[:, None].expand(-1, 3, -1, -1, -1))
+        feats = [net.visual(f)[-net.scales :] for f in (image, *kwargs["clip"].unbind(1))]
+    assert not torch.allclose(pooled["response"], alone["response"])
+    torch.testing.assert_close(same["response"], alone["response"], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(
+        pooled["features"], (feats[0][-1] + sum(f[-1] for f in feats[1:])) / 4
+    )
+    first = root / split.clips.paths[0][0]
+    first.unlink()
+    with pytest.raises(DataError, match=rf"clip frame .*{first.name} not found"):
+        load_split(*args, image_root=root, size=32, clips=True)
+
+
 @pytest.mark.slow
 def test_one_epoch_pipeline_on_a2d_to_jhmdb(tmp_path):
+    """The default ``model.clip_pooling: mean``: each batch reads ``data.clip_frames`` frames
+    per sample from disk, in the Ray Train worker."""
     root = tmp_path / "data"
     write_a2d(root, n_train=6)
     write_jhmdb(root, n=10)

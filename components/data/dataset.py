@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 from PIL import UnidentifiedImageError
 
@@ -99,6 +100,38 @@ class EncodedRows:
         return resize(decode_rle(row["target_rle"]), self.size, nearest=True)
 
 
+@dataclass(frozen=True)
+class ClipField:
+    """The clip of each sample of a video dataset (``clip_paths``: the annotated frame's
+    ``data.clip_frames`` neighbours, itself among them), read from disk when indexed. Always
+    decoded per batch: a clip is ``clip_frames`` images."""
+
+    paths: list[tuple[str, ...]]  # per row, relative to image_root
+    image_root: str | None
+    size: int
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    @property
+    def frames(self) -> int:
+        return len(self.paths[0]) if self.paths else 0
+
+    def __getitem__(self, idx) -> np.ndarray:
+        """(B, T, size, size, 3) uint8 frames of rows ``idx``."""
+        root = Path(self.image_root or ".")
+        out = []
+        for i in np.asarray(idx).reshape(-1):
+            frames = []
+            for rel in self.paths[i]:
+                try:
+                    frames.append(resize(read_image(root / rel), self.size, nearest=False))
+                except (UnidentifiedImageError, OSError, ValueError) as err:
+                    raise DataError(f"clip frame {root / rel} of row {i}: {err}") from None
+            out.append(np.stack(frames))
+        return np.stack(out)
+
+
 class EncodedField:
     """One field of an :class:`EncodedRows` split, indexed like the decoded array it stands for
     (``field[rows]`` with an int, a slice, an index or a boolean array) and decoded on access.
@@ -166,6 +199,7 @@ class SplitArrays:
     true_categories: np.ndarray  # (N,) first referred category, 0 if none (diagnostics only)
     labels: np.ndarray | None = None  # (N, H, W) uint8 semantic map, 255 = ignore
     image_ids: list[str] | None = None  # (N,) the image each sample shows (None: its own)
+    clips: ClipField | None = None  # video datasets, when the network pools over clips
 
     @property
     def image_keys(self) -> list[str]:
@@ -220,6 +254,7 @@ def load_split(
     image_root: str | Path | None = None,
     size: int | None = None,
     in_memory: str = "decoded",
+    clips: bool = False,
 ) -> SplitArrays:
     """Read and validate ``<root>/<domain>/<split>/*.parquet``.
 
@@ -233,7 +268,8 @@ def load_split(
     ``in_memory="encoded"`` (``runtime.data_in_memory``) decodes every row once to validate
     it, then keeps only its encoded columns: images, masks, superpixels and maps are
     :class:`EncodedField` views decoded per batch. Peak memory: the encoded split plus one
-    shard decoded.
+    shard decoded. ``clips``: a video dataset's ``clip_paths`` become a :class:`ClipField`
+    (none when the split's rows carry no clip).
 
     Raises:
         DataError: naming the shard and sample id of any bad row.
@@ -242,10 +278,11 @@ def load_split(
     encoded = in_memory == "encoded"
     images, masks, sps, toks, lens, labels = [], [], [], [], [], []
     ids, image_ids, qtypes, queries, cats = [], [], [], [], []
-    tables, shards, shard_of, nonempty, shape = [], [], [], [], None
+    tables, shards, shard_of, nonempty, shape, clip_paths = [], [], [], [], None, []
     seen: set[str] = set()
     for path in shard_paths(Path(root), domain, split):
-        table = read_shards([path], LOAD_COLUMNS)
+        with_clips = clips and not semantic and "clip_paths" in pq.read_schema(path).names
+        table = read_shards([path], LOAD_COLUMNS + ["clip_paths"] * with_clips)
         kept = []
         for pos, row in enumerate(table.to_pylist()):
             if semantic:
@@ -284,6 +321,15 @@ def load_split(
                 toks.append(t)
                 lens.append(n)
                 queries.append(row["query"])
+            if with_clips:
+                clip_paths.append(tuple(row["clip_paths"] or ()))
+                for rel in clip_paths[-1]:
+                    if not (Path(image_root or ".") / rel).is_file():
+                        raise DataError(
+                            f"{path}: sample {row['sample_id']}: clip frame "
+                            f"{Path(image_root or '.') / rel} not found (or model.clip_pooling: "
+                            "none reads the annotated frame alone)"
+                        )
             ids.append(row["image_id"] if semantic else row["sample_id"])
             image_ids.append(row["image_id"])
             qtypes.append(row["query_type"])
@@ -319,7 +365,15 @@ def load_split(
             "superpixels": np.stack(sps),
             "labels": np.stack(labels) if has_labels else None,
         }
+    clip_field = None
+    if clip_paths and len(clip_paths) == len(ids) and all(clip_paths):
+        if len({len(c) for c in clip_paths}) != 1:
+            raise DataError(f"{root}/{domain}/{split}: clips of different lengths")
+        root_s = None if image_root is None else str(image_root)
+        clip_size = size or (shape or images[0].shape)[0]  # the frames' size
+        clip_field = ClipField(paths=clip_paths, image_root=root_s, size=clip_size)
     return SplitArrays(
+        clips=clip_field,
         sample_ids=ids,
         query_types=qtypes,
         queries=queries,
@@ -358,7 +412,21 @@ def to_batch(arr: SplitArrays, idx: np.ndarray, device: torch.device) -> dict[st
             if arr.labels is not None
             else {}
         ),
+        **({"clip": _clip_tensor(arr.clips[idx], device)} if arr.clips is not None else {}),
     }
+
+
+def _clip_tensor(frames: np.ndarray, device) -> torch.Tensor:
+    """(B, T, H, W, 3) uint8 -> (B, T, 3, H, W), normalised as images are."""
+    clip = torch.from_numpy(frames).to(device).permute(0, 1, 4, 2, 3).float() / 255.0
+    return (clip - 0.5) / 0.25
+
+
+def network_inputs(batch: dict) -> tuple[tuple, dict]:
+    """``(args, kwargs)`` of a referring network's forward for ``batch``: image, tokens,
+    lengths, superpixels, and the clip of a video sample when the batch has one."""
+    args = (batch["image"], batch["tokens"], batch["lengths"], batch["superpixels"])
+    return args, ({"clip": batch["clip"]} if "clip" in batch else {})
 
 
 def iterate_batches(n: int, batch_size: int, shuffle: bool, rng: np.random.Generator | None = None):

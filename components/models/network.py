@@ -24,6 +24,7 @@ class QuerySegNet(nn.Module):
         super().__init__()
         self.visual = build_visual(cfg)
         self.scales = cfg.scales
+        self.clip_pooling = cfg.clip_pooling
         self.query = build_query_encoder(cfg, vocab_size, embeddings)
         chans = self.visual.out_channels[-cfg.scales :]
         self.interactions = nn.ModuleList(
@@ -31,10 +32,11 @@ class QuerySegNet(nn.Module):
         )
         self.decoder = MultiScaleDecoder(cfg.hidden, cfg.scales)
 
-    def forward(self, image, tokens, lengths, superpixels) -> dict:
+    def forward(self, image, tokens, lengths, superpixels, clip=None) -> dict:
         """
         Args:
-            image: (B, 3, H, W); tokens: (B, N); lengths: (B,); superpixels: (B, H, W).
+            image: (B, 3, H, W); tokens: (B, N); lengths: (B,); superpixels: (B, H, W);
+            clip: (B, T, 3, H, W) the frames around a video sample's annotated frame, or None.
         Returns:
             logits: finest-first list of (B, 1, H_i, W_i) response logits;
             response: (B, H, W) sigmoid response map at image resolution;
@@ -46,6 +48,8 @@ class QuerySegNet(nn.Module):
             after its top-down path.
         """
         feats = self.visual(image)[-self.scales :]
+        if clip is not None and self.clip_pooling == "mean":
+            feats = clip_pooled(self.visual, feats, clip, self.scales)
         words, q = self.query(tokens, lengths)
         word_mask = tokens != 0
         word_mask[:, 0] = True  # a query is never empty after tokenisation
@@ -64,6 +68,19 @@ class QuerySegNet(nn.Module):
             alphas=alphas,
             features=feats[-1],
         )
+
+
+def clip_pooled(visual: nn.Module, feats: list, clip: torch.Tensor, scales: int) -> list:
+    """Frame-wise encoding and temporal mean pooling (``model.clip_pooling: mean``): each level's
+    features averaged over the annotated frame (``feats``, from the batch's image, so whatever
+    a method did to it counts) and the ``T`` frames of its clip (``clip``, (B, T, 3, H, W),
+    the annotated frame among them: it weighs twice, as the centre of its clip)."""
+    b, t = clip.shape[:2]
+    frames = visual(clip.flatten(0, 1))[-scales:]  # per level (B*T, C, h, w)
+    pooled = []
+    for f, g in zip(feats, frames, strict=True):
+        pooled.append((f + g.view(b, t, *g.shape[1:]).sum(1)) / (t + 1))
+    return pooled
 
 
 #: the referring task's base networks, by ``model.arch``
