@@ -45,6 +45,7 @@ ROWS = {
     "no_reciprocal": ["adapt.sda.reciprocal_masks=false"],
     "kmeans": ["semantics.clustering=kmeans", "semantics.n_clusters=20"],
     "encoded_q": ["semantics.content=encoded"],
+    "cfb_peak_anchors": ["adapt.sda.anchors=majority_or_peak"],  # not a paper row: our option
 }
 TABLE3 = ["no_csm", "no_cfb", "no_rrb"]
 SPLIT = "target_test"
