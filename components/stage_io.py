@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 
 from components.config import Params
-from components.data.dataset import SplitArrays, load_split
+from components.data.dataset import RleMasks, SplitArrays, load_split
 from components.data.schema import DataError, decode_rle
 from components.data.vocab import Vocab
 from components.tasks import Task, make_task
@@ -101,13 +101,16 @@ def load_predicted_empty(folder: str | Path, data: SplitArrays) -> np.ndarray:
     return table.loc[data.sample_ids, "predicted_empty"].to_numpy(bool)
 
 
-def load_masks(folder: str | Path, data: SplitArrays) -> np.ndarray:
-    """Semantic-based masks (N, H, W) of the ``masks`` stage aligned with ``data`` by id."""
+def load_masks(folder: str | Path, data: SplitArrays) -> np.ndarray | RleMasks:
+    """Semantic-based masks (N, H, W) of the ``masks`` stage aligned with ``data`` by id;
+    for a split held encoded, kept as RLE and decoded per batch (:class:`RleMasks`)."""
     table = _stage_table(folder, "semantic_masks.parquet", "masks")
     missing = [s for s in data.sample_ids if s not in table.index]
     if missing:
         raise DataError(f"{folder}/semantic_masks.parquet: no mask for sample {missing[0]}")
     rows = table.loc[data.sample_ids, "mask_rle"]
+    if data.encoded:
+        return RleMasks([{"size": list(map(int, r["size"])), "counts": r["counts"]} for r in rows])
     return np.stack([decode_rle(r) for r in rows])
 
 

@@ -29,7 +29,7 @@ from components.adaptation.registry import METHODS
 from components.adaptation.sda.cfb import masked_mean
 from components.adaptation.sda.method import cells
 from components.config import Params
-from components.data.dataset import to_batch
+from components.data.dataset import network_inputs, to_batch
 from components.data.schema import shard_paths
 from components.data.vocab import Vocab
 from components.io import atomic_path
@@ -111,7 +111,8 @@ def figures(
         for domain, data in splits.items():
             rows = np.flatnonzero(data.has_mask())[:n]
             batch = to_batch(data, rows, torch.device("cpu"))
-            f = model(batch["image"], batch["tokens"], batch["lengths"], batch["superpixels"])
+            args, kwargs = network_inputs(batch)
+            f = model(*args, **kwargs)
             mean, _ = masked_mean(f["features"], cells(batch["mask"], f["features"].shape[-2:]))
             feats[name][domain] = mean.numpy()
     tsne_domains(feats["before"], feats["after"], out / "tsne.png", params.seed)
@@ -121,7 +122,8 @@ def figures(
     model, _ = load_trained(init)
     model.eval()
     batch = to_batch(target, rows, torch.device("cpu"))
-    resp = model(batch["image"], batch["tokens"], batch["lengths"], batch["superpixels"])
+    args, kwargs = network_inputs(batch)
+    resp = model(*args, **kwargs)
     domain_masks = (resp["response"] > params.adapt.method_config.gamma_max).numpy()
     semantic = load_masks(masks, target)[rows]
     queries = [target.queries[i] for i in rows]

@@ -16,7 +16,7 @@ val mAP, the share of masks kept by the score check, and the diagnostic IoU.
 from __future__ import annotations
 
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import mlflow
@@ -189,7 +189,8 @@ def run(
 ) -> tuple[dict, list]:
     tcfg = params.masks
     vocab = Vocab.load(data_dir / "vocab.json")
-    target = load_query_split(params, data_dir, "target", "train", vocab)
+    # the classifier reads images alone: no clip frames read for it
+    target = replace(load_query_split(params, data_dir, "target", "train", vocab), clips=None)
     cats, _ = load_labels(semantics, target)
     empty = load_predicted_empty(semantics, target)
     encoder = load_trained(base)[0].visual.state_dict() if tcfg.init_encoder else None

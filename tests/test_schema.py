@@ -99,3 +99,45 @@ def test_vocab_round_trip(tmp_path):
     assert again.itos == vocab.itos and again.itos[:2] == ["<pad>", "<unk>"]
     ids, n = again.encode("the purple circle", 5)
     assert n == 3 and ids[1] == 1 and ids[3:].tolist() == [0, 0]  # unknown word -> <unk>
+
+
+def test_a_split_held_encoded_reads_as_the_decoded_one(tmp_path):
+    """``runtime.data_in_memory: encoded``: every field indexes as the decoded arrays do (an
+    index, a negative one, a slice with a step, a boolean mask), and a stage's masks loaded
+    for it stay RLE (``stage_io.load_masks``) yet read the same."""
+    from components.data.dataset import RleMasks
+    from components.stage_io import load_masks
+
+    folder = tmp_path / "source" / "train"
+    folder.mkdir(parents=True)
+    cfg = DataConfig(queries_per_image=2)
+    table = make_rows(cfg, 0, "source", "train", 0, 12)
+    write_shard(table, folder / "part-00000.parquet")
+    vocab = Vocab.build(table.column("query").to_pylist())
+    args = (tmp_path, "source", "train", vocab, 8, 48)
+    dec, enc = load_split(*args), load_split(*args, in_memory="encoded")
+    pick = np.zeros(len(dec), bool)
+    pick[[1, 4, 5]] = True
+    for name in ("images", "masks", "superpixels", "labels"):
+        a, b = getattr(dec, name), getattr(enc, name)
+        assert b.shape == a.shape and b.dtype == a.dtype, name
+        for idx in (3, -1, slice(1, 9, 3), pick, np.array([5, 0, 5])):
+            np.testing.assert_array_equal(b[idx], a[idx], err_msg=f"{name}[{idx}]")
+    np.testing.assert_array_equal(enc.has_mask(), dec.has_mask())
+    assert len(dec.images_index()[0]) == 6  # two queries per image
+    masks = dec.masks[::-1].copy()  # any masks aligned with the split, as the stage writes them
+    stage = tmp_path / "masks"
+    stage.mkdir()
+    pd.DataFrame(
+        {"sample_id": dec.sample_ids, "mask_rle": [encode_rle(m) for m in masks]}
+    ).to_parquet(stage / "semantic_masks.parquet", index=False)
+    loaded = load_masks(stage, enc)
+    assert isinstance(loaded, RleMasks) and isinstance(load_masks(stage, dec), np.ndarray)
+    np.testing.assert_array_equal(loaded[np.arange(len(dec))], masks)
+    np.testing.assert_array_equal(loaded[pick], masks[pick])
+    hidden = enc.without_masks()
+    assert not hidden.has_mask().any() and hidden.labels is None
+    with pytest.raises(DataError, match="no sample to load"):
+        (tmp_path / "source" / "val").mkdir()
+        write_shard(table.slice(0, 0), tmp_path / "source" / "val" / "part-00000.parquet")
+        load_split(tmp_path, "source", "val", vocab, 8, 48, in_memory="encoded")

@@ -67,7 +67,8 @@ class EncodedRows:
     shards: list[str]
     shard_of: np.ndarray  # (N,) int32
     nonempty: np.ndarray  # (N,) bool: the (resized) target mask has a pixel
-    size: int  # every field is decoded at size x size
+    size: int | None  # fields are brought to size x size (None: as stored)
+    hw: tuple[int, int]  # a decoded field's height and width
     num_superpixels: int
     semantic: bool  # the semantic task: the mask is the map's foreground
     image_root: str | None
@@ -90,14 +91,16 @@ class EncodedRows:
                 image = decode_png(row["image_png"])
             else:
                 image = read_image(Path(self.image_root or ".") / row["image_path"])
-            return resize(image, self.size, nearest=False)
+            return resize(image, self.size, nearest=False) if self.size else image
         if field == "superpixels":
             sp = decode_png(row["superpixels_png"]).astype(np.int16)
             return np.minimum(sp, self.num_superpixels - 1)
         if field == "semantic" or (field == "mask" and self.semantic):
-            label = resize(decode_png(row["semantic_png"]).astype(np.uint8), self.size, True)
+            label = decode_png(row["semantic_png"]).astype(np.uint8)
+            label = resize(label, self.size, nearest=True) if self.size else label
             return label if field == "semantic" else (label > 0) & (label != IGNORE_INDEX)
-        return resize(decode_rle(row["target_rle"]), self.size, nearest=True)
+        mask = decode_rle(row["target_rle"])
+        return resize(mask, self.size, nearest=True) if self.size else mask
 
 
 @dataclass(frozen=True)
@@ -132,6 +135,39 @@ class ClipField:
         return np.stack(out)
 
 
+class RleMasks:
+    """Masks kept as COCO RLE and decoded when indexed (``mask[rows]``), as
+    :class:`EncodedField` does: a stage's masks (the ``masks`` stage's semantic masks) for a
+    split held encoded."""
+
+    def __init__(self, rles: list[dict]):
+        from pycocotools import mask as mask_utils
+
+        self.rles = rles
+        coco = [{"size": list(r["size"]), "counts": r["counts"].encode("ascii")} for r in rles]
+        self.nonempty = mask_utils.area(coco) > 0 if coco else np.zeros(0, bool)
+        self.hw = tuple(rles[0]["size"]) if rles else (0, 0)
+
+    shape = property(lambda self: (len(self.rles), *self.hw))
+    dtype = np.dtype(bool)
+    ndim = 3
+
+    def __len__(self) -> int:
+        return len(self.rles)
+
+    def __getitem__(self, idx) -> np.ndarray:
+        if isinstance(idx, (int, np.integer)):
+            return decode_rle(self.rles[idx])
+        rows = np.arange(len(self))[idx if isinstance(idx, slice) else np.asarray(idx)]
+        if len(rows) == 0:
+            return np.zeros((0, *self.hw), bool)
+        return np.stack([decode_rle(self.rles[i]) for i in rows.reshape(-1)])
+
+    def __iter__(self):
+        for rle in self.rles:
+            yield decode_rle(rle)
+
+
 class EncodedField:
     """One field of an :class:`EncodedRows` split, indexed like the decoded array it stands for
     (``field[rows]`` with an int, a slice, an index or a boolean array) and decoded on access.
@@ -145,8 +181,7 @@ class EncodedField:
 
     @property
     def shape(self) -> tuple[int, ...]:
-        size = self.rows.size
-        return (len(self), size, size, *self._SHAPE[self.field])
+        return (len(self), *self.rows.hw, *self._SHAPE[self.field])
 
     @property
     def dtype(self) -> np.dtype:
@@ -164,9 +199,8 @@ class EncodedField:
             return self[np.asarray([idx])][0]
         if isinstance(idx, slice):
             rows = np.arange(len(self))[idx]
-        else:
-            rows = np.asarray(idx)
-            rows = np.flatnonzero(rows) if rows.dtype == bool else rows.astype(np.int64)
+        else:  # numpy's rules: a boolean mask of the right length, or indices (negative too)
+            rows = np.arange(len(self))[np.asarray(idx)].reshape(-1)
         if self.blank:
             return np.zeros((len(rows), *self.shape[1:]), self.dtype)
         if len(rows) == 0:
@@ -231,7 +265,9 @@ class SplitArrays:
             if self.masks.blank:
                 return np.zeros(len(self), bool)
             return self.masks.rows.nonempty.copy()
-        return self.masks.reshape(len(self.masks), -1).any(axis=1)
+        if isinstance(self.masks, RleMasks):
+            return self.masks.nonempty.copy()
+        return self.masks.any(axis=tuple(range(1, self.masks.ndim)))
 
     def without_masks(self) -> SplitArrays:
         """The split with every mask empty and no label maps: a target split as an
@@ -341,12 +377,15 @@ def load_split(
     # a referring dataset without semantic maps (e.g. RefCOCO) carries no labels
     has_labels = bool(labels) and all(lb is not None for lb in labels)
     if encoded:
+        if shape is None:
+            raise DataError(f"{root}/{domain}/{split}: no sample to load")
         rows = EncodedRows(
             table=pa.concat_tables(tables).combine_chunks(),
             shards=shards,
             shard_of=np.asarray(shard_of, dtype=np.int32),
             nonempty=np.asarray(nonempty, dtype=bool),
-            size=shape[0],
+            size=size,
+            hw=tuple(shape[:2]),
             num_superpixels=num_superpixels,
             semantic=semantic,
             image_root=None if image_root is None else str(image_root),

@@ -2,8 +2,8 @@
 
 A sample is one annotated frame with its query; the frame is read from disk by path and the
 paths of its ``data.clip_frames`` neighbours (the frame among them, clamped to the video) are
-stored in ``clip_paths`` for a clip encoder. The network encodes the annotated frame (a
-frame-wise encoder); the clip paths are there for a temporal one.
+stored in ``clip_paths``; with ``model.clip_pooling: mean`` the network encodes every frame of
+the clip and averages the features in time (``components.models.network.clip_pooled``).
 
 On-disk layouts (each release's own), under ``<data.root>/<dataset>/``:
 

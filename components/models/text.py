@@ -206,6 +206,11 @@ class ContextualQueryEncoder(nn.Module):
         else:
             config = AutoConfig.from_pretrained(path, local_files_only=True)
             self.encoder = AutoModel.from_config(config)
+        # fp32 whatever the checkpoint's dtype (autocast handles mixed precision), and no
+        # pooler: its output reaches no loss, and DDP refuses parameters without gradients
+        self.encoder = self.encoder.float()
+        if getattr(self.encoder, "pooler", None) is not None:
+            self.encoder.pooler = None
         table = torch.full((vocab_size + 1, SUBTOKENS), -1, dtype=torch.long)
         self.register_buffer("subtokens", table if subtokens is None else subtokens.clone())
         self.proj = nn.Linear(self.encoder.config.hidden_size, hidden)
@@ -222,6 +227,8 @@ class ContextualQueryEncoder(nn.Module):
         )  # nothing past a query's length
         flat = pieces.flatten(1)  # (B, N*K)
         valid = flat >= 0
+        # pieces beyond the encoder's positions (less [CLS] and [SEP]) are cut
+        valid &= valid.cumsum(1) <= self.encoder.config.max_position_embeddings - 2
         count = valid.sum(1)  # (B,)
         pos = valid.cumsum(1)  # 1-based slot after [CLS]
         t = int(count.max()) + 2

@@ -20,7 +20,7 @@ from sklearn.metrics import normalized_mutual_info_score
 from components.adaptation.sda import csm
 from components.adaptation.sda.clustering import cluster_contents, prototypes
 from components.config import SemanticsConfig
-from components.data.dataset import SplitArrays, iterate_batches, to_batch
+from components.data.dataset import SplitArrays, iterate_batches, network_inputs, to_batch
 from components.models.network import predict_masks
 
 log = logging.getLogger(__name__)
@@ -46,7 +46,8 @@ def extract(model, data: SplitArrays, batch_size: int, device, empty_threshold: 
     parts: dict[str, list] = {k: [] for k in Extracted.__dataclass_fields__}
     for idx in iterate_batches(len(data), batch_size, shuffle=False):
         b = to_batch(data, idx, device)
-        out = model(b["image"], b["tokens"], b["lengths"], b["superpixels"])
+        args, kwargs = network_inputs(b)
+        out = model(*args, **kwargs)
         h, w = out["features"].shape[-2:]
         pred, _ = predict_masks(out["response"], empty_threshold)
 
