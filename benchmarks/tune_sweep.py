@@ -6,6 +6,13 @@ done: data, stage-1 / init models, semantics, masks exist), so only the sweeps a
     python benchmarks/tune_sweep.py --repo . asha          # 16-trial ASHA vs 16-trial FIFO
     python benchmarks/tune_sweep.py --repo . compare       # (re)do the per-trial comparison
     python benchmarks/tune_sweep.py --repo . sensitivity   # grids over tau, then beta
+    python benchmarks/tune_sweep.py --repo . validators --tag v4
+        # one 16-trial FIFO random sweep: how each label-free criterion ranks the trials
+
+``validators`` runs every trial to the end (no early stopping, so every trial reports every
+criterion after the same epochs) and writes ``tune_validators_<tag>.json`` and
+``tune_validators_<tag>_trials.csv``: each criterion's Spearman correlation with labeled
+target-val oIoU over the trials, and each swept parameter's (a random sweep's sensitivity).
 
 Both searches of ``asha`` draw the same 16 configurations (same seed); they differ only in the
 scheduler. Results: ``benchmarks/results/tune_asha.json``, ``tune_sensitivity.json`` (+ PNGs).
@@ -105,6 +112,48 @@ def compare(repo: Path, args) -> None:
     print("ASHA stopped the trials FIFO ranks", rows["stopped_ranks"], flush=True)
 
 
+def validators(repo: Path, args) -> None:
+    from scipy.stats import spearmanr
+
+    from pipelines.sweep_report import UNSUPERVISED
+
+    r = sweep(
+        repo,
+        f"validators-{args.tag}",
+        [
+            "tune.search=random",
+            "tune.scheduler=fifo",
+            f"tune.num_samples={args.num_samples}",
+            f"tune.epochs={args.epochs}",
+            f"tune.cpus_per_trial={args.cpus_per_trial}",
+        ],
+    )
+    t = r["trials"]
+    done = t[t.status == "COMPLETED"]
+    swept = [c for c in t.columns if "." in c]
+
+    def rho(col: str) -> float | None:
+        ok = done[[col, "val_oiou"]].dropna()
+        if len(ok) < 3 or ok[col].nunique() < 2:
+            return None
+        return round(float(spearmanr(ok[col], ok["val_oiou"])[0]), 3)
+
+    out = {
+        "wall_s": r["wall_s"],
+        "trials": len(t),
+        "completed": len(done),
+        "val_oiou_mean_std": [float(done.val_oiou.mean()), float(done.val_oiou.std())],
+        "spearman_vs_val_oiou": {c: rho(c) for c in UNSUPERVISED if c in done},
+        "params_spearman_vs_val_oiou": {c: rho(c) for c in swept},
+        "settings": vars(args) | {"repo": str(repo)},
+    }
+    name = f"tune_validators_{args.tag}"
+    (RESULTS / f"{name}.json").write_text(json.dumps(out, indent=2, default=str) + "\n")
+    cols = ["trial_id", *swept, "val_oiou", *[c for c in UNSUPERVISED if c in t]]
+    t[cols].sort_values("val_oiou", ascending=False).to_csv(RESULTS / f"{name}.csv", index=False)
+    print(json.dumps(out, indent=2, default=str), flush=True)
+
+
 def sensitivity(repo: Path, args) -> None:
     import matplotlib
 
@@ -148,18 +197,18 @@ def sensitivity(repo: Path, args) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("what", choices=["asha", "compare", "sensitivity"])
+    p.add_argument("what", choices=["asha", "compare", "sensitivity", "validators"])
     p.add_argument("--repo", type=Path, default=Path("."))
     p.add_argument("--num-samples", type=int, default=16)
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--cpus-per-trial", type=float, default=1.0)
     p.add_argument("--taus", type=float, nargs="+", default=TAUS, help="sensitivity: tau grid")
     p.add_argument("--betas", type=float, nargs="+", default=BETAS, help="sensitivity: beta grid")
+    p.add_argument("--tag", default="default", help="validators: names the result files")
     args = p.parse_args()
     RESULTS.mkdir(exist_ok=True)
-    {"asha": asha, "compare": compare, "sensitivity": sensitivity}[args.what](
-        args.repo.resolve(), args
-    )
+    modes = {"asha": asha, "compare": compare, "sensitivity": sensitivity, "validators": validators}
+    modes[args.what](args.repo.resolve(), args)
 
 
 if __name__ == "__main__":
