@@ -73,10 +73,20 @@ class EncodedRows:
     semantic: bool  # the semantic task: the mask is the map's foreground
     image_root: str | None
 
+    def columns(self, field: str) -> list[str]:
+        """The stored columns ``field`` decodes from (plus ``sample_id``, to name in errors)."""
+        if field == "image":
+            return ["sample_id", "image_png", "image_path"]
+        if field == "semantic" or (field == "mask" and self.semantic):
+            return ["sample_id", "semantic_png"]
+        return ["sample_id", "superpixels_png" if field == "superpixels" else "target_rle"]
+
     def decode(self, field: str, rows: np.ndarray) -> np.ndarray:
-        """``field`` (image / mask / superpixels / semantic) of ``rows``, stacked."""
+        """``field`` (image / mask / superpixels / semantic) of ``rows``, stacked. Only the
+        field's own columns are taken from the table: a mask never copies the image bytes."""
         out = []
-        taken = self.table.take(pa.array(rows, pa.int64())).to_pylist()
+        picked = self.table.select(self.columns(field))
+        taken = picked.take(pa.array(rows, pa.int64())).to_pylist()
         for i, row in zip(rows, taken, strict=True):
             try:
                 out.append(self._field(field, row))
