@@ -11,7 +11,7 @@ done: data, stage-1 / init models, semantics, masks exist), so only the sweeps a
 
 ``validators`` runs every trial to the end (no early stopping, so every trial reports every
 criterion after the same epochs) and writes ``tune_validators_<tag>.json`` and
-``tune_validators_<tag>_trials.csv``: each criterion's Spearman correlation with labeled
+``tune_validators_<tag>.csv``: each criterion's Spearman correlation with labeled
 target-val oIoU over the trials, and each swept parameter's (a random sweep's sensitivity).
 
 Both searches of ``asha`` draw the same 16 configurations (same seed); they differ only in the
@@ -138,12 +138,18 @@ def validators(repo: Path, args) -> None:
             return None
         return round(float(spearmanr(ok[col], ok["val_oiou"])[0]), 3)
 
+    # the criteria's ranking is the tune stage's own (``rank_agreement``, in tune.json)
+    ranked = r["summary"]
     out = {
         "wall_s": r["wall_s"],
         "trials": len(t),
         "completed": len(done),
         "val_oiou_mean_std": [float(done.val_oiou.mean()), float(done.val_oiou.std())],
-        "spearman_vs_val_oiou": {c: rho(c) for c in UNSUPERVISED if c in done},
+        "spearman_vs_val_oiou": {
+            c: round(ranked[f"spearman_{c}_vs_val_oiou"], 3)
+            for c in UNSUPERVISED
+            if f"spearman_{c}_vs_val_oiou" in ranked
+        },
         "params_spearman_vs_val_oiou": {c: rho(c) for c in swept},
         "settings": vars(args) | {"repo": str(repo)},
     }
