@@ -6,6 +6,8 @@ done: data, stage-1 / init models, semantics, masks exist), so only the sweeps a
     python benchmarks/tune_sweep.py --repo . asha          # 16-trial ASHA vs 16-trial FIFO
     python benchmarks/tune_sweep.py --repo . compare       # (re)do the per-trial comparison
     python benchmarks/tune_sweep.py --repo . sensitivity   # grids over tau, then beta
+    python benchmarks/tune_sweep.py --repo . sensitivity --tag v4 --taus 0.05 0.2 1.0
+        # ... written to tune_sensitivity_v4.json, sensitivity_{tau,beta}_v4.png
     python benchmarks/tune_sweep.py --repo . validators --tag v4
         # one 16-trial FIFO random sweep: how each label-free criterion ranks the trials
 
@@ -166,6 +168,7 @@ def sensitivity(repo: Path, args) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    suffix = "" if args.tag == "default" else f"_{args.tag}"
     curves = {}
     for key, values in (("semantics.tau", args.taus), ("semantics.beta", args.betas)):
         section, field = key.split(".")
@@ -194,11 +197,11 @@ def sensitivity(repo: Path, args) -> None:
         ax.set_xlabel(key)
         ax.set_ylabel("target val oIoU")
         fig.tight_layout()
-        fig.savefig(RESULTS / f"sensitivity_{field}.png", dpi=110)
+        fig.savefig(RESULTS / f"sensitivity_{field}{suffix}.png", dpi=110)
         plt.close(fig)
         print(key, curves[key], flush=True)
     curves["settings"] = vars(args) | {"repo": str(repo)}
-    (RESULTS / "tune_sensitivity.json").write_text(json.dumps(curves, indent=2) + "\n")
+    (RESULTS / f"tune_sensitivity{suffix}.json").write_text(json.dumps(curves, indent=2) + "\n")
 
 
 def main() -> None:
@@ -210,7 +213,9 @@ def main() -> None:
     p.add_argument("--cpus-per-trial", type=float, default=1.0)
     p.add_argument("--taus", type=float, nargs="+", default=TAUS, help="sensitivity: tau grid")
     p.add_argument("--betas", type=float, nargs="+", default=BETAS, help="sensitivity: beta grid")
-    p.add_argument("--tag", default="default", help="validators: names the result files")
+    p.add_argument(
+        "--tag", default="default", help="validators, sensitivity: names the result files"
+    )
     args = p.parse_args()
     RESULTS.mkdir(exist_ok=True)
     modes = {"asha": asha, "compare": compare, "sensitivity": sensitivity, "validators": validators}

@@ -168,11 +168,14 @@ def placement(world: int) -> list[str]:
     return nodes
 
 
-def run_phase(spec: PhaseSpec, rank: int, get_checkpoint, report, checkpoint_cls) -> None:
+def run_phase(
+    spec: PhaseSpec, rank: int, get_checkpoint, report, checkpoint_cls, report_last=False
+) -> None:
     """Resume from ``get_checkpoint()``, then train; ``report(row, checkpoint=...)`` per epoch.
 
     ``ray.train``'s functions and ``Checkpoint`` inside a Train worker, ``ray.tune``'s inside
-    a Tune trial.
+    a Tune trial. ``report_last``: after resuming, report the checkpoint's last epoch row
+    again first (the caller resumed from a checkpoint newer than its tracker has seen).
     """
     from ray.experimental.tqdm_ray import tqdm
 
@@ -194,6 +197,8 @@ def run_phase(spec: PhaseSpec, rank: int, get_checkpoint, report, checkpoint_cls
         attempts = state.get("attempts", [])
         if rank == 0:
             print(f"[{name}] resuming after epoch {start}/{phase.epochs}", flush=True)
+            if report_last and history:
+                report(history[-1])
 
     attempts = [*attempts, {"after_epoch": start, "nodes": placement(worker_info(spec)[1])}]
     for epoch in range(start, phase.epochs):

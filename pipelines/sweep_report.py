@@ -21,7 +21,7 @@ def trials_table(results, tcfg: TuneConfig, keys: list[str]) -> pd.DataFrame:
     for r in results:
         m = r.metrics or {}
         values = overrides_of(r.config or {})
-        epochs = int(m.get("training_iteration", 0) or 0)
+        epochs = result_epoch(m)
         status = "ERROR" if r.error else ("COMPLETED" if epochs >= tcfg.epochs else "STOPPED")
         row = {
             "trial_id": m.get("trial_id") or Path(r.path).name,  # dirname = trial id
@@ -33,8 +33,23 @@ def trials_table(results, tcfg: TuneConfig, keys: list[str]) -> pd.DataFrame:
         for name in ("val_oiou", "val_miou", "val_map", *UNSUPERVISED):
             row[name] = float(m[name]) if name in m else float("nan")
         row["objective"] = row[tcfg.metric]
+        row["error"] = _error_line(r.error)
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def result_epoch(result: dict) -> int:
+    """Epochs a trial has trained, from its own reported ``epoch`` (Tune's iteration count
+    lags it when a restored trial resumes from a newer checkpoint than Tune recorded)."""
+    return int(result.get("epoch") or result.get("training_iteration") or 0)
+
+
+def _error_line(error: BaseException | None) -> str:
+    """The last non-empty line of a failed trial's error ("" when it did not fail)."""
+    if error is None:
+        return ""
+    lines = [ln for ln in str(error).splitlines() if ln.strip()]
+    return (lines[-1] if lines else type(error).__name__)[:1000]
 
 
 def rank_agreement(table: pd.DataFrame) -> dict[str, float]:

@@ -189,7 +189,7 @@ def scheduler(tcfg: TuneConfig):
     if tcfg.scheduler == "fifo":
         return FIFOScheduler()
     return ASHAScheduler(
-        time_attr="training_iteration",
+        time_attr="epoch",  # the trial's own count (see sweep_report.result_epoch)
         max_t=tcfg.epochs,
         grace_period=tcfg.grace_period,
         reduction_factor=tcfg.reduction_factor,

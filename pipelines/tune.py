@@ -25,7 +25,9 @@ its attempts ran on) and, once Tune retried it (a crash, a lost node: ``tune.max
 
 Resume. The sweep is named after a hash of its inputs and params (or ``tune.name``); if its
 storage exists, ``Tuner.restore`` continues it: finished trials are kept, unfinished ones
-resume from their last epoch checkpoint.
+resume from their last epoch checkpoint (the newest one on storage when the one Tune recorded
+was already replaced, see :class:`ResumeFromNewest`). An epoch trained again after a resume is
+logged to MLflow once (steps are the trial's own epoch count).
 
 Fault injection (tests, drills): ``ADASEG_TUNE_INJECT_FAILURE="adapt.lambda2=0.5"`` makes every
 trial whose values include all the given pairs raise.
@@ -64,6 +66,7 @@ from pipelines.sweep_report import (
     best_params_yaml,
     compact,
     rank_agreement,
+    result_epoch,
     sensitivity_plots,
     trials_table,
 )
@@ -130,7 +133,55 @@ def trial(config: dict, ctx: TrialContext) -> None:
         # node_id: where this attempt runs (a trial retried after a lost node moves)
         tune.report({**row, **extra, "node_id": node}, checkpoint=checkpoint)
 
-    train_loop.run_phase(spec, 0, tune.get_checkpoint, report, tune.Checkpoint)
+    # the row of the epoch it resumes after goes to Tune again: its record of the trial may
+    # end one epoch earlier (see ResumeFromNewest); MLflow logs each epoch once
+    train_loop.run_phase(spec, 0, tune.get_checkpoint, report, tune.Checkpoint, report_last=True)
+
+
+def newest_checkpoint(checkpoint):
+    """``checkpoint`` if it is still on storage, else its trial's newest one there (None when
+    none is left)."""
+    import pyarrow.fs as pafs
+
+    fs = checkpoint.filesystem
+    if fs.get_file_info(checkpoint.path).type == pafs.FileType.Directory:
+        return checkpoint
+    trial_dir = checkpoint.path.rstrip("/").rsplit("/", 1)[0]
+    found = fs.get_file_info(pafs.FileSelector(trial_dir, allow_not_found=True))
+    kept = sorted(
+        f.path
+        for f in found
+        if f.type == pafs.FileType.Directory and f.base_name.startswith("checkpoint_")
+    )
+    log.warning(
+        "tune: checkpoint %s is gone (sweep killed while Tune replaced it); resuming from %s",
+        checkpoint.path,
+        kept[-1] if kept else "the first epoch",
+    )
+    return type(checkpoint)(kept[-1], filesystem=fs) if kept else None
+
+
+class ResumeFromNewest:
+    """Mixin of the trial's Tune trainable: restore from the trial's newest checkpoint.
+
+    Tune deletes a trial's older checkpoint (``num_to_keep``) as soon as it registers a new
+    one but saves its experiment state later, so a sweep killed in between is restored with a
+    checkpoint that no longer exists, and Tune fails the trial ("Could not recover from
+    checkpoint"). Here it resumes from the newest checkpoint left instead (an epoch later than
+    Tune's record: the trial reports that epoch's row again), or from the start.
+    """
+
+    def restore(self, checkpoint_path):
+        checkpoint = getattr(checkpoint_path, "checkpoint", None)
+        if checkpoint is not None:
+            found = newest_checkpoint(checkpoint)
+            if found is None:
+                return None  # nothing left: the trial trains from its first epoch
+            checkpoint_path = type(checkpoint_path)(found, checkpoint_path.metrics)
+        return super().restore(checkpoint_path)
+
+
+trial.__mixins__ = (ResumeFromNewest,)  # Tune builds the trial's trainable class with it
 
 
 # --------------------------------------------------------------------------- MLflow
@@ -142,11 +193,13 @@ class MlflowTrials(tune.Callback):
         self.tags = tags
         self._runs: dict[str, str] = {}
         self._nodes: dict[str, list[str]] = {}  # trial id -> Ray node ids, in order
+        self._steps: dict[str, int] = {}  # trial id -> last epoch logged
         self._client = None
 
     def __getstate__(self):  # Tune pickles callbacks with its experiment state
         state = dict(self.__dict__)
         state["_client"] = None
+        state["_steps"] = {}  # read again from MLflow: the store may be ahead of the snapshot
         return state
 
     @property
@@ -200,14 +253,20 @@ class MlflowTrials(tune.Callback):
         self.run_id(trial)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        step = int(result.get("training_iteration", 0))
-        metrics = [
-            mlflow.entities.Metric(k, float(v), int(result.get("timestamp", 0)) * 1000, step)
-            for k, v in result.items()
-            if _reported(k) and isinstance(v, int | float) and math.isfinite(v)
-        ]
+        step = result_epoch(result)
         run_id = self.run_id(trial)
-        self.client.log_batch(run_id, metrics=metrics)
+        if trial.trial_id not in self._steps:  # a resumed sweep: the epochs logged before
+            history = self.client.get_metric_history(run_id, "epoch")
+            self._steps[trial.trial_id] = max((m.step for m in history), default=0)
+        # an epoch re-run after a restore from an earlier checkpoint is logged once
+        if step > self._steps[trial.trial_id]:
+            self._steps[trial.trial_id] = step
+            metrics = [
+                mlflow.entities.Metric(k, float(v), int(result.get("timestamp", 0)) * 1000, step)
+                for k, v in result.items()
+                if _reported(k) and isinstance(v, int | float) and math.isfinite(v)
+            ]
+            self.client.log_batch(run_id, metrics=metrics)
         node = result.get("node_id")
         if trial.trial_id not in self._nodes:  # a resumed sweep: the nodes tagged before
             tagged = self.client.get_run(run_id).data.tags.get("adaseg.trial_nodes", "")

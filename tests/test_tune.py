@@ -11,6 +11,7 @@ from __future__ import annotations
 import sqlite3
 import subprocess
 import time
+from pathlib import Path
 
 import numpy as np
 import optuna
@@ -243,6 +244,8 @@ def test_crashing_trial_is_retried_then_marked_failed(repo):
     table = pd.read_parquet(repo / "fail/tune/trials.parquet")
     failed = table[table.status == "ERROR"]
     assert sorted(failed["adapt.sda.gamma_max"]) == [0.8, 0.8]
+    assert failed["error"].str.contains("injected failure").all()
+    assert (table[table.status != "ERROR"]["error"] == "").all()
     assert (table[table.status != "ERROR"]["adapt.sda.gamma_max"] == 0.9).all()
     assert yaml.safe_load((repo / "fail/tune/best_params.yaml").read_text())["adapt"] == {
         "sda": {"gamma_max": 0.9}
@@ -280,21 +283,36 @@ def test_killed_sweep_resumes_without_rerunning_or_duplicating(repo):
         except sqlite3.Error:
             return []
 
+    def mid_trial() -> list[Path]:
+        """Trial folders of unfinished trials that hold an epoch checkpoint."""
+        done = finished()
+        trials = (repo / ".adaseg/ray_results/tune").glob("resumed-*/*")
+        return [t for t in trials if t.name not in done and any(t.glob("checkpoint_*"))]
+
+    # kill once a trial has finished and the next one is part-way
     deadline = time.time() + 600
-    while time.time() < deadline and not finished():
-        time.sleep(0.3)
+    while time.time() < deadline and not (finished() and mid_trial()):
+        time.sleep(0.05)
     assert finished(), "no trial finished before the deadline"
-    # kill at once: if Tune's experiment state predates that trial's end, the trial resumes
-    # from its last epoch checkpoint, so either way it must not train again
     kill_group(proc)
     done_before = finished()
     assert len(done_before) < 4, "the sweep ended before it could be killed"
     assert not (repo / "resume/tune").exists()  # nothing half-written
+    # the kill Tune cannot recover from on its own: it had registered a trial's new checkpoint
+    # (and deleted the one before, num_to_keep) but not yet saved its experiment state, which
+    # still names the deleted one; renaming the newest checkpoint makes that state here (when
+    # the state names none yet, the trial starts over: either way every epoch is logged once)
+    moved = mid_trial()
+    assert moved, "the kill did not land part-way through a trial"
+    for trial_dir in moved:
+        newest = sorted(trial_dir.glob("checkpoint_*"))[-1]
+        newest.rename(trial_dir / f"checkpoint_{int(newest.name.split('_')[1]) + 1:06d}")
 
     out = run_in(repo, *cmd)
     assert "resuming sweep resumed-" in out.stdout + out.stderr
     table = pd.read_parquet(repo / "resume/tune/trials.parquet")
-    assert len(table) == 4 and (table.status == "COMPLETED").all()
+    assert len(table) == 4
+    assert (table.status == "COMPLETED").all(), table[["trial_id", "status", "epochs", "error"]]
     children = sweep_children(repo, "resumed")
     assert sorted(children["tags.adaseg.trial_id"]) == sorted(table.trial_id)  # no duplicates
     assert set(children.status) == {"FINISHED"}
@@ -302,10 +320,11 @@ def test_killed_sweep_resumes_without_rerunning_or_duplicating(repo):
 
     client = mlflow.MlflowClient()
     for _, child in children.iterrows():
+        # every epoch logged once: a finished trial whose end Tune had not yet saved resumes
+        # from its last checkpoint with nothing to train; a resumed one's retrained epoch
+        # is logged once
         steps = [m.step for m in client.get_metric_history(child.run_id, "val_oiou")]
-        assert sorted(set(steps)) == list(range(1, 7))
-        if child["tags.adaseg.trial_id"] in done_before:  # finished trials did not run again
-            assert sorted(steps) == list(range(1, 7))
+        assert sorted(steps) == list(range(1, 7)), child["tags.adaseg.trial_id"]
 
 
 @pytest.mark.slow
@@ -321,3 +340,16 @@ def test_bad_search_space_is_refused_before_any_trial(repo):
         assert message in proc.stderr, proc.stderr
     assert not (repo / "bad").exists()
     assert not list((repo / ".adaseg/ray_results/tune").glob("bad-*"))
+
+
+def test_a_restored_trial_whose_checkpoint_is_gone_resumes_from_the_newest_one_left(tmp_path):
+    from ray import tune
+
+    trial_dir = tmp_path / "sweep-x" / "abc_00001"
+    for n in (2, 4):  # what Tune left: the named checkpoint 3 deleted, 4 registered after it
+        (trial_dir / f"checkpoint_{n:06d}").mkdir(parents=True)
+    known = tune.Checkpoint(str(trial_dir / "checkpoint_000002"))
+    assert sweep.newest_checkpoint(known) is known  # still there: Tune's own
+    found = sweep.newest_checkpoint(tune.Checkpoint(str(trial_dir / "checkpoint_000003")))
+    assert found.path == str(trial_dir / "checkpoint_000004")
+    assert sweep.newest_checkpoint(tune.Checkpoint(str(tmp_path / "gone/checkpoint_0"))) is None
