@@ -169,8 +169,12 @@ def sensitivity(repo: Path, args) -> None:
     import matplotlib.pyplot as plt
 
     suffix = "" if args.tag == "default" else f"_{args.tag}"
-    curves = {}
+    path = RESULTS / f"tune_sensitivity{suffix}.json"
+    # a grid left empty keeps the curve already measured under this tag
+    curves = json.loads(path.read_text()) if path.exists() else {}
     for key, values in (("semantics.tau", args.taus), ("semantics.beta", args.betas)):
+        if not values:
+            continue
         section, field = key.split(".")
         space = json.dumps({section: {field: {"values": values}}})
         r = sweep(
@@ -189,6 +193,8 @@ def sensitivity(repo: Path, args) -> None:
         curves[key] = {
             "values": t[key].tolist(),
             "val_oiou": t["val_oiou"].round(4).tolist(),
+            # the label-free criterion recommended for sweeps without target labels
+            **({"unsup_im": t["unsup_im"].round(4).tolist()} if "unsup_im" in t else {}),
             "wall_s": r["wall_s"],
         }
         fig, ax = plt.subplots(figsize=(4, 3))
@@ -199,9 +205,9 @@ def sensitivity(repo: Path, args) -> None:
         fig.tight_layout()
         fig.savefig(RESULTS / f"sensitivity_{field}{suffix}.png", dpi=110)
         plt.close(fig)
+        curves[key]["settings"] = vars(args) | {"repo": str(repo)}
+        path.write_text(json.dumps(curves, indent=2) + "\n")
         print(key, curves[key], flush=True)
-    curves["settings"] = vars(args) | {"repo": str(repo)}
-    (RESULTS / f"tune_sensitivity{suffix}.json").write_text(json.dumps(curves, indent=2) + "\n")
 
 
 def main() -> None:
@@ -211,8 +217,8 @@ def main() -> None:
     p.add_argument("--num-samples", type=int, default=16)
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--cpus-per-trial", type=float, default=1.0)
-    p.add_argument("--taus", type=float, nargs="+", default=TAUS, help="sensitivity: tau grid")
-    p.add_argument("--betas", type=float, nargs="+", default=BETAS, help="sensitivity: beta grid")
+    p.add_argument("--taus", type=float, nargs="*", default=TAUS, help="sensitivity: tau grid")
+    p.add_argument("--betas", type=float, nargs="*", default=BETAS, help="sensitivity: beta grid")
     p.add_argument(
         "--tag", default="default", help="validators, sensitivity: names the result files"
     )
