@@ -44,12 +44,16 @@ def result_epoch(result: dict) -> int:
     return int(result.get("epoch") or result.get("training_iteration") or 0)
 
 
+def last_line(text: str, default: str) -> str:
+    """The last non-empty line of an error text, at most 1000 characters (``default`` when
+    it has none)."""
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    return (lines[-1] if lines else default)[:1000]
+
+
 def _error_line(error: BaseException | None) -> str:
-    """The last non-empty line of a failed trial's error ("" when it did not fail)."""
-    if error is None:
-        return ""
-    lines = [ln for ln in str(error).splitlines() if ln.strip()]
-    return (lines[-1] if lines else type(error).__name__)[:1000]
+    """A failed trial's error in one line ("" when it did not fail)."""
+    return "" if error is None else last_line(str(error), type(error).__name__)
 
 
 def rank_agreement(table: pd.DataFrame) -> dict[str, float]:

@@ -65,6 +65,7 @@ from pipelines.common import repo_root
 from pipelines.sweep_report import (
     best_params_yaml,
     compact,
+    last_line,
     rank_agreement,
     result_epoch,
     sensitivity_plots,
@@ -298,8 +299,7 @@ class MlflowTrials(tune.Callback):
 
 def _last_error_line(path: str | None) -> str:
     try:
-        lines = [ln for ln in Path(path).read_text().splitlines() if ln.strip()]
-        return lines[-1][:1000] if lines else "trial failed"
+        return last_line(Path(path).read_text(), "trial failed")
     except (OSError, TypeError):
         return "trial failed"
 
