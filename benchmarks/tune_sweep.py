@@ -9,6 +9,8 @@ done: data, stage-1 / init models, semantics, masks exist), so only the sweeps a
     python benchmarks/tune_sweep.py --repo . sensitivity --tag v4 --taus 0.05 0.2 1.0
         # ... written to tune_sensitivity_v4.json, sensitivity_{tau,beta}_v4.png
     python benchmarks/tune_sweep.py --repo . validators --tag v4
+    python benchmarks/tune_sweep.py seeds --tags v4_seed0 v4_seed1 v4_seed2 --out v4
+        # pools sensitivity curves of several seeds' repositories: mean ± sd per value
         # one 16-trial FIFO random sweep: how each label-free criterion ranks the trials
 
 ``validators`` runs every trial to the end (no early stopping, so every trial reports every
@@ -210,9 +212,78 @@ def sensitivity(repo: Path, args) -> None:
         print(key, curves[key], flush=True)
 
 
+def seeds(repo: Path, args) -> None:
+    """Pool the sensitivity curves of ``--tags`` (one per seed's repository): per swept value
+    measured on every seed, the mean and standard deviation of target-val oIoU, and each
+    seed's difference from its own value at the paper's default (paired, so a seed's overall
+    level does not hide the curve's shape). Writes ``tune_sensitivity_<out>.json`` and
+    ``sensitivity_{tau,beta}_<out>.png`` (each seed's curve and the mean with its spread).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    per_tag = {
+        t: json.loads((RESULTS / f"tune_sensitivity_{t}.json").read_text()) for t in args.tags
+    }
+    pooled = {}
+    for key, default in (("semantics.tau", 0.2), ("semantics.beta", 0.5)):
+        curves = {
+            t: dict(zip(c[key]["values"], c[key]["val_oiou"], strict=True))
+            for t, c in per_tag.items()
+            if key in c
+        }
+        if len(curves) < 2:
+            continue
+        common = sorted(set.intersection(*(set(c) for c in curves.values())))
+        if default not in common:
+            raise SystemExit(f"{key}: every seed's grid must hold the default {default}")
+        rows = []
+        for v in common:
+            ys = [c[v] for c in curves.values()]
+            ds = [c[v] - c[default] for c in curves.values()]
+            rows.append(
+                {
+                    "value": v,
+                    "val_oiou_mean": round(float(np.mean(ys)), 4),
+                    "val_oiou_std": round(float(np.std(ys, ddof=1)), 4),
+                    "delta_vs_default_mean": round(float(np.mean(ds)), 4),
+                    "delta_vs_default_std": round(float(np.std(ds, ddof=1)), 4),
+                    "per_seed": [round(y, 4) for y in ys],
+                }
+            )
+        pooled[key] = {"default": default, "tags": list(curves), "rows": rows}
+        field = key.split(".")[1]
+        fig, ax = plt.subplots(figsize=(4, 3))
+        for tag, c in curves.items():
+            xs = sorted(c)
+            ax.plot(xs, [c[x] for x in xs], "-", alpha=0.35, label=tag)
+        ax.errorbar(
+            common,
+            [r["val_oiou_mean"] for r in rows],
+            yerr=[r["val_oiou_std"] for r in rows],
+            fmt="ko-",
+            capsize=3,
+            label="mean ± sd",
+        )
+        ax.set_xscale("log" if field == "tau" else "linear")
+        ax.set_xlabel(key)
+        ax.set_ylabel("target val oIoU")
+        ax.legend(fontsize=6)
+        fig.tight_layout()
+        fig.savefig(RESULTS / f"sensitivity_{field}_{args.out}.png", dpi=110)
+        plt.close(fig)
+        print(key, json.dumps(pooled[key], indent=1), flush=True)
+    if not pooled:
+        raise SystemExit("no swept key is measured under two or more of --tags")
+    path = RESULTS / f"tune_sensitivity_{args.out}.json"
+    path.write_text(json.dumps(pooled, indent=2) + "\n")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("what", choices=["asha", "compare", "sensitivity", "validators"])
+    p.add_argument("what", choices=["asha", "compare", "sensitivity", "validators", "seeds"])
     p.add_argument("--repo", type=Path, default=Path("."))
     p.add_argument("--num-samples", type=int, default=16)
     p.add_argument("--epochs", type=int, default=3)
@@ -222,9 +293,17 @@ def main() -> None:
     p.add_argument(
         "--tag", default="default", help="validators, sensitivity: names the result files"
     )
+    p.add_argument("--tags", nargs="*", default=[], help="seeds: sensitivity tags to pool")
+    p.add_argument("--out", default="seeds", help="seeds: names the pooled result files")
     args = p.parse_args()
     RESULTS.mkdir(exist_ok=True)
-    modes = {"asha": asha, "compare": compare, "sensitivity": sensitivity, "validators": validators}
+    modes = {
+        "asha": asha,
+        "compare": compare,
+        "sensitivity": sensitivity,
+        "validators": validators,
+        "seeds": seeds,
+    }
     modes[args.what](args.repo.resolve(), args)
 
 
