@@ -164,12 +164,36 @@ def validators(repo: Path, args) -> None:
     print(json.dumps(out, indent=2, default=str), flush=True)
 
 
-def sensitivity(repo: Path, args) -> None:
+def _plot_curve(key: str, path: Path, curves: dict, mean=None) -> None:
+    """Target-val oIoU against one swept param: each of ``curves`` ({label: {value: oIoU}})
+    as a line, plus ``mean`` ((xs, means, sds)) as error bars when given."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    fig, ax = plt.subplots(figsize=(4, 3))
+    for label, c in curves.items():
+        xs = sorted(c)
+        ax.plot(
+            xs,
+            [c[x] for x in xs],
+            "o-" if mean is None else "-",
+            alpha=1 if mean is None else 0.35,
+            label=label,
+        )
+    if mean is not None:
+        ax.errorbar(*mean, fmt="ko-", capsize=3, label="mean ± sd")
+        ax.legend(fontsize=6)
+    ax.set_xscale("log" if key.endswith("tau") else "linear")
+    ax.set_xlabel(key)
+    ax.set_ylabel("target val oIoU")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def sensitivity(repo: Path, args) -> None:
     suffix = "" if args.tag == "default" else f"_{args.tag}"
     path = RESULTS / f"tune_sensitivity{suffix}.json"
     # a grid left empty keeps the curve already measured under this tag
@@ -199,14 +223,8 @@ def sensitivity(repo: Path, args) -> None:
             **({"unsup_im": t["unsup_im"].round(4).tolist()} if "unsup_im" in t else {}),
             "wall_s": r["wall_s"],
         }
-        fig, ax = plt.subplots(figsize=(4, 3))
-        ax.plot(t[key], t["val_oiou"], "o-")
-        ax.set_xscale("log" if field == "tau" else "linear")
-        ax.set_xlabel(key)
-        ax.set_ylabel("target val oIoU")
-        fig.tight_layout()
-        fig.savefig(RESULTS / f"sensitivity_{field}{suffix}.png", dpi=110)
-        plt.close(fig)
+        curve = dict(zip(t[key], t["val_oiou"], strict=True))
+        _plot_curve(key, RESULTS / f"sensitivity_{field}{suffix}.png", {args.tag: curve})
         curves[key]["settings"] = vars(args) | {"repo": str(repo)}
         path.write_text(json.dumps(curves, indent=2) + "\n")
         print(key, curves[key], flush=True)
@@ -219,11 +237,6 @@ def seeds(repo: Path, args) -> None:
     level does not hide the curve's shape). Writes ``tune_sensitivity_<out>.json`` and
     ``sensitivity_{tau,beta}_<out>.png`` (each seed's curve and the mean with its spread).
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     per_tag = {
         t: json.loads((RESULTS / f"tune_sensitivity_{t}.json").read_text()) for t in args.tags
     }
@@ -255,25 +268,8 @@ def seeds(repo: Path, args) -> None:
             )
         pooled[key] = {"default": default, "tags": list(curves), "rows": rows}
         field = key.split(".")[1]
-        fig, ax = plt.subplots(figsize=(4, 3))
-        for tag, c in curves.items():
-            xs = sorted(c)
-            ax.plot(xs, [c[x] for x in xs], "-", alpha=0.35, label=tag)
-        ax.errorbar(
-            common,
-            [r["val_oiou_mean"] for r in rows],
-            yerr=[r["val_oiou_std"] for r in rows],
-            fmt="ko-",
-            capsize=3,
-            label="mean ± sd",
-        )
-        ax.set_xscale("log" if field == "tau" else "linear")
-        ax.set_xlabel(key)
-        ax.set_ylabel("target val oIoU")
-        ax.legend(fontsize=6)
-        fig.tight_layout()
-        fig.savefig(RESULTS / f"sensitivity_{field}_{args.out}.png", dpi=110)
-        plt.close(fig)
+        mean = (common, [r["val_oiou_mean"] for r in rows], [r["val_oiou_std"] for r in rows])
+        _plot_curve(key, RESULTS / f"sensitivity_{field}_{args.out}.png", curves, mean)
         print(key, json.dumps(pooled[key], indent=1), flush=True)
     if not pooled:
         raise SystemExit("no swept key is measured under two or more of --tags")
