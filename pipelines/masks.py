@@ -69,10 +69,11 @@ def held_out(image_ids: list[str], fraction: float) -> np.ndarray:
     return out
 
 
-def classifier(k: int, widths: list[int], cfg, encoder_state: dict | None = None):
-    """The multi-label classifier as ``masks`` params configure it."""
+def classifier(k: int, widths: list[int], cfg, encoder_state: dict | None = None, prior=None):
+    """The multi-label classifier as ``masks`` params configure it; ``prior`` (K,) the label
+    frequencies its biases start from (training only: a trained state dict carries them)."""
     return MultiLabelClassifier(
-        k, widths, encoder_state, cfg.cam_last_stride, cfg.pooling, cfg.lse_r
+        k, widths, encoder_state, cfg.cam_last_stride, cfg.pooling, cfg.lse_r, prior
     )
 
 
@@ -80,7 +81,8 @@ def setup_classifier(spec: train_loop.PhaseSpec) -> train_loop.Phase:
     tcfg, inp = spec.train_config(), spec.payload
     data: SplitArrays = ray.get(inp.data_ref)
     labels = torch.tensor(inp.labels)  # a copy: the payload's arrays are read-only
-    model = classifier(labels.shape[1], spec.params.model.widths, tcfg, inp.encoder_state)
+    prior = inp.labels[inp.train].mean(0)
+    model = classifier(labels.shape[1], spec.params.model.widths, tcfg, inp.encoder_state, prior)
     w = train_loop.prepare_worker(spec, model, len(inp.train), tcfg)
     model, device, rank, indices = w.model, w.device, w.rank, w.indices
     steps, opt, sched = w.steps, w.optimizer, w.scheduler

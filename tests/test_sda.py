@@ -11,9 +11,11 @@ from components.adaptation.base import Upstream
 from components.adaptation.configs import SDAConfig
 from components.adaptation.sda import csm
 from components.adaptation.sda.cam import (
+    MultiLabelClassifier,
     category_cam,
     label_prior_loss,
     multi_hot,
+    multilabel_loss,
     superpixel_refine,
 )
 from components.adaptation.sda.cfb import MemoryBank, ema_update, info_nce, pseudo_masks
@@ -252,6 +254,27 @@ def test_cam_normalisation_and_image_labels_by_hand():
     labels = multi_hot(np.array([0, 0, 1]), np.array([2, 0, 1]), np.array([1, 1, 0], bool), 2, 3)
     assert labels.tolist() == [[1, 0, 1], [0, 0, 0]]
     assert label_prior_loss(np.array([[1.0], [0.0]])) == pytest.approx(math.log(2))
+
+
+@pytest.mark.parametrize("pooling", ["lse", "gap", "max"])
+def test_classifier_starts_from_the_label_prior(pooling):
+    """Many rare categories (benchmark v4: ~55, 1-3 per image): an untrained classifier given
+    the label frequencies scores near the label prior's loss; without them, every score starts
+    near one half, several times the prior's loss."""
+    rng = np.random.default_rng(0)
+    prior = rng.uniform(0.01, 0.1, 50)
+    labels = (rng.random((64, 50)) < prior).astype(np.float32)
+    images = torch.from_numpy(rng.random((64, 3, 32, 32), dtype=np.float32))
+    target = label_prior_loss(labels)
+
+    def initial_loss(start):
+        torch.manual_seed(0)
+        clf = MultiLabelClassifier(50, [8, 8, 16, 16], pooling=pooling, prior=start)
+        with torch.no_grad():
+            return multilabel_loss(clf(images)[0], torch.from_numpy(labels)).item()
+
+    assert initial_loss(prior) == pytest.approx(target, rel=0.25)
+    assert initial_loss(None) > 3 * target
 
 
 def _classifier_case(tmp_path):

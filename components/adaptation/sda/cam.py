@@ -37,6 +37,13 @@ class MultiLabelClassifier(nn.Module):
     ImageNet ResNet-101; we start from a copy of the stage-1 visual encoder, assumed).
     ``last_stride`` 1 keeps the last stage at its input's resolution (finer CAMs).
 
+    ``prior`` (K,), each category's share of the training images, sets the classifier's biases
+    to its log-odds, so training starts from the label prior's loss instead of from every score
+    at one half (the prior-probability initialisation of RetinaNet). Measured on benchmark v4:
+    from a zero bias, 5 epochs do not even get the 54-odd rare categories' scores down to their
+    frequencies (loss above the prior's), and the class maps learn to read categories off the
+    background (object cells lowest), so no mask lies on an object.
+
     ``pooling`` of the class maps into image logits: ``lse`` (log-sum-exp, a soft maximum with
     sharpness ``lse_r``), ``gap`` (CAM's global average) or ``max``. With GroupNorm in the
     encoder every cell sees the whole image's statistics, and a GAP classifier learns to
@@ -52,6 +59,7 @@ class MultiLabelClassifier(nn.Module):
         last_stride: int = 1,
         pooling: str = "lse",
         lse_r: float = 5.0,
+        prior: np.ndarray | None = None,
     ):
         super().__init__()
         self.pooling, self.lse_r = pooling, lse_r
@@ -65,6 +73,10 @@ class MultiLabelClassifier(nn.Module):
         ):
             conv.stride = (last_stride, last_stride)
         self.classifier = nn.Conv2d(widths[-1], num_classes, 1)  # a linear layer per pixel
+        if prior is not None:
+            p = torch.as_tensor(prior, dtype=torch.float32).clamp(1e-4, 1 - 1e-4)
+            with torch.no_grad():
+                self.classifier.bias.copy_(torch.log(p / (1 - p)))
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns image logits (B, K) and class activation maps (B, K, h, w)."""
