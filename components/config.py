@@ -451,9 +451,8 @@ class MasksConfig(TrainConfig):
     )
     pooling: Literal["lse", "gap", "max"] = Field(
         "lse",
-        description="Class maps to image logits: lse (log-sum-exp, measured: localises on "
-        "the object), gap (CAM's average: reads categories off the background with a "
-        "GroupNorm encoder), max.",
+        description="Class maps to image logits: lse (log-sum-exp, a soft maximum), gap "
+        "(CAM's average), max. Which one localises depends on the data (see the README).",
     )
     lse_r: Annotated[float, Field(gt=0)] = Field(5.0, description="Sharpness of lse pooling.")
     drop_predicted_empty: bool = Field(

@@ -41,14 +41,16 @@ class MultiLabelClassifier(nn.Module):
     to its log-odds, so training starts from the label prior's loss instead of from every score
     at one half (the prior-probability initialisation of RetinaNet). Measured on benchmark v4:
     from a zero bias, 5 epochs do not even get the 54-odd rare categories' scores down to their
-    frequencies (loss above the prior's), and the class maps learn to read categories off the
-    background (object cells lowest), so no mask lies on an object.
+    frequencies (loss above the prior's) and the score check keeps no mask.
 
     ``pooling`` of the class maps into image logits: ``lse`` (log-sum-exp, a soft maximum with
-    sharpness ``lse_r``), ``gap`` (CAM's global average) or ``max``. With GroupNorm in the
-    encoder every cell sees the whole image's statistics, and a GAP classifier learns to
-    read a category off the background: its maps are lower on the object than around it. A
-    (soft) maximum has to put the evidence in some cell, and it lands on the object.
+    sharpness ``lse_r``), ``gap`` (CAM's global average) or ``max``. Which one puts the maps on
+    the objects depends on the data (measured): with one object per image whose category is
+    its colour, GAP's maps are lower on the object than around it (with GroupNorm every cell
+    sees the whole image's statistics, so a category can be read off the background) and a
+    soft maximum's lie on it; on benchmark v4's shape categories it is the other way round.
+    The stage's label-free val mAP does not tell them apart: on the colour case GAP classifies
+    better (val mAP 1.0 vs 0.96) with 4 % of its kept mask pixels on the objects (LSE: 98 %).
     """
 
     def __init__(
