@@ -45,6 +45,23 @@ def write_json(path: str | Path, obj) -> None:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
+def code_fingerprint(roots: list[Path] | None = None) -> str:
+    """Short hash of the Python sources under ``roots`` (default: the ``components`` and
+    ``pipelines`` packages): part of a training run's name, so that an interrupted stage
+    re-run after a code change starts afresh instead of resuming a checkpoint that other code
+    wrote."""
+    if roots is None:
+        import pipelines
+
+        roots = [Path(__file__).parent, Path(pipelines.__file__).parent]
+    h = hashlib.sha256()
+    for root in map(Path, roots):
+        for p in sorted(root.rglob("*.py")):
+            h.update(f"{root.name}/{p.relative_to(root).as_posix()}".encode())
+            h.update(p.read_bytes())
+    return h.hexdigest()[:12]
+
+
 def fingerprint(paths: list[Path], extra: dict | None = None) -> str:
     """Short content hash of files (sorted) plus a JSON-able ``extra``; names a training run."""
     h = hashlib.sha256(json.dumps(extra or {}, sort_keys=True).encode())

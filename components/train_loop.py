@@ -6,11 +6,12 @@ Across the Ray boundary goes one frozen :class:`PhaseSpec`: the validated params
 set-up function and its typed inputs (``payload``, a frozen dataclass holding ObjectRefs for
 the large arrays). Nothing is re-validated on the worker side.
 
-Resume: the run is named after a hash of its inputs, so re-running an interrupted stage finds
-the run's state in ``runtime.storage_path``; Ray Train hands the last checkpoint to the new
-workers (``ray.train.get_checkpoint()``) and training continues after the last finished epoch.
-Batch order is seeded by (seed, rank, epoch), so a resumed run sees the same batches. The same
-holds when Ray Train itself restarts the workers (a lost node, ``runtime.max_failures``).
+Resume: the run is named after a hash of its inputs, params and code (the ``components`` and
+``pipelines`` sources: a checkpoint written by other code is never resumed), so re-running an
+interrupted stage finds the run's state in ``runtime.storage_path``; Ray Train hands the last
+checkpoint to the new workers (``ray.train.get_checkpoint()``) and training continues after
+the last finished epoch. Batch order is seeded by (seed, rank, epoch), so a resumed run sees
+the same batches. The same holds when Ray Train itself restarts the workers (a lost node, ``runtime.max_failures``).
 
 Every start of the workers (the first, a restart after a failure, a resume after a killed
 driver) is an *attempt*, kept in the checkpoint with the epoch it started after and the Ray
@@ -42,7 +43,7 @@ from ray.train import (
 from ray.train.torch import TorchTrainer
 
 from components.config import Params, ParamsError, TrainConfig
-from components.io import fingerprint
+from components.io import code_fingerprint, fingerprint
 from components.models.network import _unwrap
 from components.runtime import (
     cpus_per_worker,
@@ -264,7 +265,11 @@ def fit(
     threads = 1 if use_gpu else cpus_per_worker(tcfg.num_workers, params.runtime.train_cpus)
     name = f"{phase}-" + fingerprint(
         inputs,
-        {"phase": phase, "params": params.model_dump(mode="json", exclude={"runtime"})},
+        {
+            "phase": phase,
+            "params": params.model_dump(mode="json", exclude={"runtime"}),
+            "code": code_fingerprint(),
+        },
     )
     storage = storage_path(params.runtime, root)
     spec = PhaseSpec(phase, setup, params, payload, threads, progress=sys.stderr.isatty())

@@ -1,6 +1,6 @@
 import pytest
 
-from components.io import atomic_path, fingerprint, write_json
+from components.io import atomic_path, code_fingerprint, fingerprint, write_json
 
 
 def test_atomic_dir_replaces_only_on_success(tmp_path):
@@ -26,3 +26,27 @@ def test_write_json_and_fingerprint(tmp_path):
     assert one != fingerprint([f], {"k": 2})
     f.write_bytes(b"abd")
     assert one != fingerprint([f], {"k": 1})
+
+
+def test_code_fingerprint_changes_with_the_sources_only(tmp_path):
+    """Names a training run together with its inputs and params: a stage re-run after a code
+    edit must not resume a checkpoint the old code wrote."""
+    pkg = tmp_path / "pkg"
+    (pkg / "sub").mkdir(parents=True)
+    (pkg / "a.py").write_text("x = 1\n")
+    (pkg / "sub/b.py").write_text("y = 2\n")
+    (pkg / "notes.txt").write_text("not code")
+    one = code_fingerprint([pkg])
+    assert one == code_fingerprint([pkg])
+    (pkg / "notes.txt").write_text("still not code")
+    assert code_fingerprint([pkg]) == one
+    (pkg / "sub/b.py").write_text("y = 3\n")
+    assert code_fingerprint([pkg]) != one
+    # the same sources elsewhere (a moved or cloned repository) keep the name
+    (pkg / "sub/b.py").write_text("y = 2\n")
+    moved = tmp_path / "elsewhere" / "pkg"
+    import shutil
+
+    shutil.copytree(pkg, moved)
+    assert code_fingerprint([moved]) == one
+    assert len(code_fingerprint()) == 12  # the installed packages
