@@ -9,8 +9,9 @@ settings of the `masks` stage buy (``--variants``).
 
 A variant ``NAME:field=value[,field=value]`` re-runs the `masks` stage with those params (with
 this checkout's code) into the temporary folder, then `adapt` and `evaluate` on its masks; its
-row holds the stage's own metrics (``masks``) next to SDA's. ``sda`` is the repository's own
-run, made with the code of its `dvc repro`.
+row holds the stage's own metrics (``masks``) next to SDA's. Every run here uses this
+checkout's code on the repository's upstream outputs; ``sda`` is the repository's own run,
+made with the code of its `dvc repro`.
 
 Each repository must have run `dvc repro`. Per repository, the `masks` table is copied with
 every mask replaced by the sample's ground-truth mask (same sample ids and categories), then
@@ -47,6 +48,8 @@ from repro_seeds import mean_std  # noqa: E402
 SPLIT = "target_test"
 METRICS = ("oiou", "miou", "map")
 DATA = "data/prepared"
+CODE = ("components", "pipelines")
+RUN_STATE = (".adaseg", "mlartifacts", "mlruns.db")
 MASKS_METRICS = ("kept_fraction", "oiou_vs_gt", "val_map", "classifier_loss", "label_prior_loss")
 
 
@@ -62,15 +65,32 @@ def ground_truth_masks(repo: Path, params: Params, dst: Path) -> None:
     table.to_parquet(dst / "semantic_masks.parquet", index=False)
 
 
+def shadow(repo: Path, dst: Path) -> Path:
+    """A folder to run stages in that reads ``repo``'s files but this checkout's code.
+
+    Local Ray workers put the driver's working directory first on their import path, so a
+    stage run inside ``repo`` trains with the code ``repo`` was checked out with; here every
+    top-level entry of ``repo`` is linked, except the code packages, linked from this checkout,
+    and the run state (Ray Train checkpoints, MLflow artefacts), which starts empty: a stage
+    resumes from a checkpoint of the same inputs and params whatever code wrote it.
+    """
+    dst.mkdir(parents=True)
+    for entry in repo.iterdir():
+        if entry.name in RUN_STATE:
+            continue
+        src = ROOT / entry.name if entry.name in CODE else entry
+        (dst / entry.name).symlink_to(src, target_is_directory=src.is_dir())
+    return dst
+
+
 def stage3(repo: Path, t: Path, overrides: list[str] | None = None) -> tuple[dict, list]:
     """`adapt` + `evaluate` on the masks in ``t / "masks"`` (made first by the `masks` stage
     with ``overrides`` when given), all into ``t``; returns target-test metrics and the
     per-epoch target-val oIoU."""
     env = dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{t / 'mlruns.db'}")
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
-    # Ray workers import this checkout's code, not the repository's copy
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     env.pop("RAY_ADDRESS", None)
+    work = shadow(repo, t / "work")
     cmds = []
     if overrides is not None:
         sets = [a for o in overrides for a in ("-S", o)]
@@ -87,7 +107,7 @@ def stage3(repo: Path, t: Path, overrides: list[str] | None = None) -> tuple[dic
     evaluate += ["--metrics", str(t / "eval.json"), "--predictions", str(t / "pred")]
     evaluate += ["--overlays", str(t / "overlays")]
     for cmd in (*cmds, adapt, evaluate):
-        subprocess.run(cmd, cwd=repo, env=env, check=True)
+        subprocess.run(cmd, cwd=work, env=env, check=True)
     metrics = json.loads((t / "eval.json").read_text())["sda"][SPLIT]
     return metrics, pd.read_csv(t / "adapt.csv")["val_oiou"].round(4).tolist()
 
