@@ -56,7 +56,7 @@ from components.adaptation.sda.method import SDA
 from components.adaptation.self_training import MeanTeacherMethod
 from components.config import Params, ParamsError, parse_params, set_dotted
 from components.data.schema import shard_paths
-from components.io import atomic_path, fingerprint, write_json
+from components.io import atomic_path, code_fingerprint, fingerprint, write_json
 from components.models.network import load_trained
 from components.runtime import init_ray, remove_storage, resolve_storage, storage_path
 from components.stage_io import load_task_split
@@ -321,11 +321,12 @@ def sweep_inputs(data_dir: Path, base: Path, init: Path, sem_dir: Path, masks: P
 
 
 def sweep_name(params: Params, inputs: list[Path]) -> str:
-    """``<tune.name or "sweep">-<hash of inputs and params>``: re-running the same sweep after
-    a crash resumes it; any change of inputs or params starts a new one."""
+    """``<tune.name or "sweep">-<hash of inputs, params and code>``: re-running the same sweep
+    after a crash resumes it; any change of inputs, params or code starts a new one."""
     used = params.model_dump(
         mode="json", include={"seed", "data", "model", "semantics", "adapt", "tune"}
     )
+    used["code"] = code_fingerprint()
     return f"{params.tune.name or 'sweep'}-{fingerprint(inputs, used)}"
 
 
