@@ -71,8 +71,8 @@ def shadow(repo: Path, dst: Path) -> Path:
     Local Ray workers put the driver's working directory first on their import path, so a
     stage run inside ``repo`` trains with the code ``repo`` was checked out with; here every
     top-level entry of ``repo`` is linked, except the code packages, linked from this checkout,
-    and the run state (Ray Train checkpoints, MLflow artefacts), which starts empty: a stage
-    resumes from a checkpoint of the same inputs and params whatever code wrote it.
+    and the run state (Ray Train checkpoints, MLflow artefacts), which starts empty so that
+    nothing is written into ``repo``.
     """
     dst.mkdir(parents=True)
     for entry in repo.iterdir():
