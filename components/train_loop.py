@@ -11,7 +11,8 @@ Resume: the run is named after a hash of its inputs, params and code (the ``comp
 interrupted stage finds the run's state in ``runtime.storage_path``; Ray Train hands the last
 checkpoint to the new workers (``ray.train.get_checkpoint()``) and training continues after
 the last finished epoch. Batch order is seeded by (seed, rank, epoch), so a resumed run sees
-the same batches. The same holds when Ray Train itself restarts the workers (a lost node, ``runtime.max_failures``).
+the same batches. The same holds when Ray Train itself restarts the workers (a lost node,
+``runtime.max_failures``).
 
 Every start of the workers (the first, a restart after a failure, a resume after a killed
 driver) is an *attempt*, kept in the checkpoint with the epoch it started after and the Ray
