@@ -43,7 +43,7 @@ from components.adaptation.configs import METHOD_CONFIGS
 from components.adaptation.registry import METHODS
 from components.comparison import Record, records_from_eval, write_report
 from components.config import Params, _flatten_space
-from components.io import atomic_path, write_json
+from components.io import atomic_path, code_fingerprint, write_json
 from components.runtime import ray_address
 from components.tracking import TAGS_ENV, stage_run
 from pipelines.common import repo_root
@@ -63,17 +63,6 @@ class Unit:
     tags: dict = field(default_factory=dict)  # MLflow tags of its run
     seed: int = 0
     task: str = ""
-
-
-def _code_hash() -> str:
-    """A hash of this package's source: a unit re-runs when the code that runs it changed."""
-    h = hashlib.sha256()
-    base = Path(__file__).resolve().parents[1]
-    for folder in ("components", "pipelines"):
-        for path in sorted((base / folder).rglob("*.py")):
-            h.update(path.relative_to(base).as_posix().encode())
-            h.update(path.read_bytes())
-    return h.hexdigest()[:16]
 
 
 #: sections that never change a unit's results: left out of its stamp
@@ -230,7 +219,7 @@ def execute(units: list[Unit], work: Path, workers: int, compare_id: str) -> dic
         RuntimeError: naming the first unit that failed and its log; the units already
             finished keep their stamps, so a re-run resumes after them.
     """
-    code = _code_hash()
+    code = code_fingerprint()  # a unit re-runs when the code that runs it changed
     stamps: dict[str, str] = {}
     by_name = {u.name: u for u in units}
     stamp_dir, log_dir, params_dir = work / ".stamps", work / "logs", work / "params"
