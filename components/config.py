@@ -413,6 +413,15 @@ class SemanticsConfig(_Section):
     max_exact: Annotated[int, Field(ge=2)] = Field(
         5000, description="Distinct vectors clustered exactly; more are pre-clustered."
     )
+    word_grounding: Literal["none", "visual"] = Field(
+        "none",
+        description="visual: give each target-only word the embedding of the known word whose "
+        "presence in the target images (the stage-1 model's response) best follows the word's "
+        "use in their queries; no labels (components.adaptation.sda.grounding).",
+    )
+    grounding_min_score: Annotated[float, Field(gt=0, le=1)] = Field(
+        0.3, description="Least correlation over target images for a word to be grounded."
+    )
 
     @model_validator(mode="after")
     def _cluster_count(self) -> SemanticsConfig:
@@ -801,6 +810,13 @@ class Params(_Section):
     def _tune_space(self) -> Params:
         if self.model.arch == "dmmi" and self.data.task != "referring":
             raise ValueError("model.arch: dmmi is a referring network (data.task: referring)")
+        if self.semantics.word_grounding != "none" and (
+            self.model.arch != "sda" or self.model.text_encoder != "gru"
+        ):
+            raise ValueError(
+                "semantics.word_grounding: visual rewrites rows of the word table W, which "
+                "needs model.arch: sda with model.text_encoder: gru (set word_grounding: none)"
+            )
         supported = self.adapt.method_config.TASKS
         if self.data.task not in supported:
             raise ValueError(

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from components import train_loop
 from components.adaptation.sda.csm import PrototypeBank, semantic_init_loss
+from components.adaptation.sda.grounding import apply_grounding, load_grounding
 from components.config import Params
 from components.data.schema import shard_paths
 from components.data.vocab import Vocab
@@ -117,6 +118,9 @@ def run(params: Params, data_dir: Path, base: Path, semantics: Path, out: Path) 
     val = load_task_split(params, data_dir, "source", "val", task, vocab)
     cats, _ = load_labels(semantics, train)
     model, _ = load_trained(base)
+    # the target-only words the semantics stage grounded (semantics.word_grounding) start
+    # from their known words' vectors here, and so in every later stage
+    apply_grounding(model, vocab, load_grounding(semantics))
     init_ray(params.runtime)
     state = train_loop.fit(
         params,

@@ -97,6 +97,7 @@ class TrialContext:
     stage1: Any  # the stage-1 network (CSM re-runs from it)
     inputs: AdaptInputs  # the adaptation inputs of the default semantics
     target_ref: ray.ObjectRef  # target train split as CSM reads it
+    vocab: Any  # the vocabulary (CSM's word grounding reads it)
 
 
 def trial(config: dict, ctx: TrialContext) -> None:
@@ -121,7 +122,7 @@ def trial(config: dict, ctx: TrialContext) -> None:
         for k, v in overrides.items()
     ):
         source, target = ray.get(inputs.source_ref), ray.get(ctx.target_ref)
-        res, diag = semantics.compute(ctx.stage1, source, target, params)
+        res, diag = semantics.compute(ctx.stage1, source, target, params, ctx.vocab)
         inputs = replace(inputs, upstream=Upstream(res.labels_s, res.labels_t, res.reliable_t))
         extra = {f"semantics_{k}": float(v) for k, v in diag.items()}
 
@@ -392,6 +393,7 @@ def run(
         stage1,
         inputs,
         ray.put(raw_target),  # CSM reads only images and queries
+        vocab,
     )
     trainable = tune.with_resources(
         tune.with_parameters(trial, ctx=ctx),

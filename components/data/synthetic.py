@@ -76,6 +76,12 @@ def plural(noun: str) -> str:
     return noun + ("es" if noun.endswith("s") else "s")
 
 
+def synonym_map() -> dict[str, str]:
+    """Target word -> the source word it replaces, for the single-word synonyms (what word
+    grounding should find; a diagnostic)."""
+    return {t[0]: s for s, t in SYNONYMS.items() if " " not in t[0] and " " not in s}
+
+
 #: Words of a query that name the referred entity: the category nouns, their plurals and their
 #: target-domain synonyms (plurals are never swapped for a synonym, see ``_translate``). The
 #: generic "shape" / "object" name no entity. DMMI erases one of these at training time.

@@ -9,6 +9,7 @@ uniform (Eq. 1 degenerates to the mean word embedding), and they are still clust
 
 from __future__ import annotations
 
+import copy
 import logging
 from dataclasses import dataclass
 
@@ -19,8 +20,10 @@ from sklearn.metrics import normalized_mutual_info_score
 
 from components.adaptation.sda import csm
 from components.adaptation.sda.clustering import cluster_contents, prototypes
+from components.adaptation.sda.grounding import Grounding, apply_grounding, ground_words
 from components.config import SemanticsConfig
 from components.data.dataset import SplitArrays, iterate_batches, network_inputs, to_batch
+from components.data.vocab import Vocab
 from components.models.network import predict_masks
 
 log = logging.getLogger(__name__)
@@ -116,6 +119,7 @@ class SemanticsResult:
     predictor: torch.nn.Module | None
     predictor_losses: list[float]
     empty_t: np.ndarray | None = None  # (N_t,) bool: the stage-1 model predicts no foreground
+    grounding: Grounding | None = None  # semantics.word_grounding: what it found
 
 
 def build(src: Extracted, tgt: Extracted, cfg: SemanticsConfig, seed: int) -> SemanticsResult:
@@ -195,14 +199,27 @@ def diagnostics(res: SemanticsResult, truth_s: np.ndarray, truth_t: np.ndarray) 
     }
 
 
-def compute(model, source: SplitArrays, target: SplitArrays, params):
-    """CSM in this process: extraction, predictor, clustering; returns (result, diagnostics).
+def compute(model, source: SplitArrays, target: SplitArrays, params, vocab: Vocab | None = None):
+    """CSM in this process: word grounding (``semantics.word_grounding``, on a copy of
+    ``model``), extraction, predictor, clustering; returns (result, diagnostics).
 
     ``result.labels_s`` / ``labels_t`` / ``reliable_t`` follow the row order of the splits.
     """
-    thr = params.model.empty_threshold
+    cfg, thr = params.semantics, params.model.empty_threshold
+    diag: dict = {}
+    found = None
+    if cfg.word_grounding == "visual":
+        if vocab is None:
+            raise ValueError("semantics.word_grounding: visual needs the vocabulary")
+        found = ground_words(
+            model, source, target, vocab, params.model.max_words, cfg.grounding_min_score
+        )
+        model = copy.deepcopy(model)
+        apply_grounding(model, vocab, {u: k for u, (k, _) in found.mapping.items()})
+        diag = {"grounded_words": len(found.mapping), "target_only_words": len(found.unseen)}
     src = extract(model, source, 64, torch.device("cpu"), thr)
     tgt = extract(model, target, 64, torch.device("cpu"), thr)
-    res = build(src, tgt, params.semantics, params.seed)
+    res = build(src, tgt, cfg, params.seed)
     res.empty_t = tgt.empty
-    return res, diagnostics(res, source.true_categories, target.true_categories)
+    res.grounding = found
+    return res, {**diagnostics(res, source.true_categories, target.true_categories), **diag}

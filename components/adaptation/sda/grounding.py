@@ -1,0 +1,204 @@
+"""Visual grounding of target-only words, without labels (``semantics.word_grounding: visual``).
+
+After stage 1 a word that only target queries use ("rhombus" where the source says "diamond")
+still has its random initial embedding: no source query ever trained it, and CSM's content
+vectors, L_si and every later stage read it as noise. Its meaning can be read off the unlabeled
+target training data. The images whose queries use a word are the images that show what it
+names, and the stage-1 model already says how strongly a target image shows each word it knows:
+the maximum of its response map to the one-word query ``"the <word>"``. A target-only word is
+grounded to the known word whose presence over the target images best follows the word's
+occurrence (Pearson correlation over images, one row per image), when that correlation reaches
+``semantics.grounding_min_score``; its embedding row then takes the known word's vector.
+
+This is cross-situational word learning: it reads the target queries' text and images and the
+stage-1 model, never a target mask or category.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from components.data.dataset import SplitArrays, to_batch
+from components.data.vocab import Vocab, tokenize
+
+#: the query a known word is probed with (the source domain's template)
+PROBE = "the {}"
+#: what the ``semantics`` stage writes (``Grounding.to_json``)
+FILE = "word_grounding.json"
+
+
+@dataclass
+class Grounding:
+    """What grounding found: every target-only word considered, the probe words, their
+    correlation matrix and the words grounded (``word -> (known word, correlation)``)."""
+
+    unseen: list[str]
+    known: list[str]
+    scores: np.ndarray  # (len(unseen), len(known))
+    mapping: dict[str, tuple[str, float]] = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        considered = {}
+        if self.known:  # each target-only word's best probe, grounded or not
+            for i, (u, j) in enumerate(zip(self.unseen, self.scores.argmax(1), strict=True)):
+                considered[u] = {"best": self.known[j], "score": round(float(self.scores[i, j]), 4)}
+        return {
+            "grounded": {
+                u: {"word": k, "score": round(s, 4)} for u, (k, s) in self.mapping.items()
+            },
+            "considered": considered,
+            "probes": self.known,
+        }
+
+    @classmethod
+    def from_json(cls, raw: dict) -> dict[str, str]:
+        """The ``word -> known word`` map of a written grounding."""
+        return {u: v["word"] for u, v in raw["grounded"].items()}
+
+
+def word_images(queries: Sequence[str], image_of: np.ndarray, n_images: int) -> dict[str, set]:
+    """Each word -> the images (indices) whose queries use it."""
+    out: dict[str, set] = {}
+    for text, img in zip(queries, image_of, strict=True):
+        for w in tokenize(text):
+            out.setdefault(w, set()).add(int(img))
+    return out
+
+
+def candidate_words(
+    source_queries: Sequence[str], target_uses: dict[str, set], n_images: int, min_images: int
+) -> tuple[list[str], list[str]]:
+    """(target-only words used by at least ``min_images`` target images, probe words).
+
+    Probe words are the source queries' words, except those in more than half of them
+    (articles and templates, which name nothing)."""
+    counts: dict[str, int] = {}
+    for text in source_queries:
+        for w in set(tokenize(text)):
+            counts[w] = counts.get(w, 0) + 1
+    known = sorted(w for w, c in counts.items() if c <= len(source_queries) / 2)
+    unseen = sorted(
+        w
+        for w, imgs in target_uses.items()
+        if w not in counts and min_images <= len(imgs) < n_images
+    )
+    return unseen, known
+
+
+@torch.no_grad()
+def presence(
+    model: nn.Module,
+    data: SplitArrays,
+    rows: np.ndarray,
+    probes: list[str],
+    vocab: Vocab,
+    max_words: int,
+    batch_size: int = 64,
+) -> np.ndarray:
+    """(len(rows), len(probes)): the model's maximum response on the image of each of ``rows``
+    to each probe word's query ``PROBE.format(word)``."""
+    model.eval()
+    device = next(model.parameters()).device
+    encoded = [vocab.encode(PROBE.format(w), max_words) for w in probes]
+    out = np.zeros((len(rows), len(probes)), np.float32)
+    for start in range(0, len(rows), batch_size):
+        idx = rows[start : start + batch_size]
+        b = to_batch(data, idx, device)
+        for j, (tokens, length) in enumerate(encoded):
+            tok = torch.from_numpy(tokens).to(device).expand(len(idx), -1)
+            lengths = torch.full((len(idx),), length, dtype=torch.int64)
+            extra = {"clip": b["clip"]} if "clip" in b else {}
+            response = model(b["image"], tok, lengths, b["superpixels"], **extra)["response"]
+            out[start : start + len(idx), j] = response.flatten(1).amax(1).cpu().numpy()
+    return out
+
+
+def correlation(occurs: np.ndarray, present: np.ndarray) -> np.ndarray:
+    """Pearson correlation over rows of every column of ``occurs`` (I, U) with every column of
+    ``present`` (I, K): (U, K); 0 where a column is constant."""
+    a = occurs - occurs.mean(0)
+    b = present - present.mean(0)
+    denom = np.outer(np.sqrt((a**2).sum(0)), np.sqrt((b**2).sum(0)))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        r = (a.T @ b) / denom
+    return np.nan_to_num(r, nan=0.0)
+
+
+def ground_words(
+    model: nn.Module,
+    source: SplitArrays,
+    target: SplitArrays,
+    vocab: Vocab,
+    max_words: int,
+    min_score: float,
+    min_images: int = 5,
+) -> Grounding:
+    """Ground the target-only words of ``target``'s queries on the stage-1 ``model``."""
+    first, image_of = target.images_index()
+    uses = word_images(target.queries, image_of, len(first))
+    unseen, known = candidate_words(source.queries, uses, len(first), min_images)
+    if not unseen or not known:
+        return Grounding(unseen, known, np.zeros((len(unseen), len(known))))
+    occurs = np.zeros((len(first), len(unseen)), np.float64)
+    for j, w in enumerate(unseen):
+        occurs[sorted(uses[w]), j] = 1.0
+    present = presence(model, target, first, known, vocab, max_words).astype(np.float64)
+    scores = correlation(occurs, present)
+    mapping = {}
+    for i, u in enumerate(unseen):
+        j = int(scores[i].argmax())
+        if scores[i, j] >= min_score:
+            mapping[u] = (known[j], float(scores[i, j]))
+    return Grounding(unseen, known, scores, mapping)
+
+
+def word_table(model: nn.Module) -> nn.Embedding | None:
+    """The network's word embedding table W (None for a text encoder without one)."""
+    query = getattr(model, "query", None)
+    embed = getattr(query, "embed", None)
+    return embed if isinstance(embed, nn.Embedding) else None
+
+
+@torch.no_grad()
+def apply_grounding(model: nn.Module, vocab: Vocab, mapping: dict[str, str]) -> int:
+    """Copy each grounded word's known-word vector into its row of W; returns rows changed.
+
+    Raises:
+        ValueError: the network has no word table, or a word is not in ``vocab``.
+    """
+    if not mapping:
+        return 0
+    table = word_table(model)
+    if table is None:
+        raise ValueError("word grounding needs a network with a word table (text_encoder: gru)")
+    for u, k in mapping.items():
+        if u not in vocab.stoi or k not in vocab.stoi:
+            raise ValueError(f"grounded word {u!r} -> {k!r} is not in the vocabulary")
+        table.weight[vocab.stoi[u]] = table.weight[vocab.stoi[k]]
+    return len(mapping)
+
+
+def agreement(found: Grounding, truth: dict[str, str]) -> dict[str, float]:
+    """A diagnostic against a known word map (the embedded benchmark's synonym table; never used
+    for training): the share of grounded words mapped right (precision) and the share of the
+    target-only words ``truth`` names that were grounded right (recall)."""
+    right = sum(truth.get(u) == k for u, (k, _) in found.mapping.items())
+    named = [u for u in found.unseen if u in truth]
+    return {
+        "grounding_precision": right / len(found.mapping) if found.mapping else 0.0,
+        "grounding_recall": right / len(named) if named else 0.0,
+    }
+
+
+def load_grounding(folder: Path) -> dict[str, str]:
+    """The ``word -> known word`` map the ``semantics`` stage wrote to ``folder`` (empty when it
+    grounded nothing or ran without ``word_grounding``)."""
+    path = Path(folder) / FILE
+    return Grounding.from_json(json.loads(path.read_text())) if path.exists() else {}

@@ -1,0 +1,100 @@
+"""Word grounding of target-only words (``semantics.word_grounding: visual``)."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from components.adaptation.sda.grounding import (
+    Grounding,
+    agreement,
+    apply_grounding,
+    candidate_words,
+    correlation,
+    load_grounding,
+    word_images,
+)
+from components.config import ModelConfig, ParamsError, parse_params
+from components.data.synthetic import synonym_map
+from components.data.vocab import Vocab
+from components.models.network import build_model, load_trained
+from tests.conftest import run_in
+
+
+def test_correlation_by_hand():
+    occurs = np.array([[1, 1], [0, 1], [1, 1], [0, 1]], float)  # word a: images 0, 2; b: all
+    present = np.array([[0.9, 0.1], [0.2, 0.8], [0.8, 0.3], [0.1, 0.7]])
+    r = correlation(occurs, present)
+    assert r.shape == (2, 2)
+    assert r[0, 0] > 0.95 and r[0, 1] < -0.9  # a follows the first probe, not the second
+    assert r[1].tolist() == [0.0, 0.0]  # a word in every image says nothing: no NaN
+
+
+def test_candidates_leave_out_templates_and_words_in_every_image():
+    source = ["the red ball", "the blue ball", "the red box", "the green box"]
+    target = ["find the crimson ball", "find the navy ball", "find the emerald box"]
+    uses = word_images(target, np.array([0, 1, 2]), 3)
+    assert uses["ball"] == {0, 1} and uses["find"] == {0, 1, 2}
+    unseen, known = candidate_words(source, uses, 3, min_images=1)
+    assert unseen == ["crimson", "emerald", "navy"]  # "find" is in every image
+    assert "the" not in known and {"red", "ball", "box"} <= set(known)
+    assert candidate_words(source, uses, 3, min_images=2)[0] == []
+
+
+def test_grounded_rows_copy_the_known_word_and_agreement_scores_them():
+    vocab = Vocab(["the", "red", "crimson", "ball"])
+    model = build_model(ModelConfig(), len(vocab))
+    table = model.query.embed.weight
+    before = table.detach().clone()
+    assert apply_grounding(model, vocab, {"crimson": "red"}) == 1
+    assert torch.equal(table[vocab.stoi["crimson"]], before[vocab.stoi["red"]])
+    assert torch.equal(table[vocab.stoi["ball"]], before[vocab.stoi["ball"]])
+    with pytest.raises(ValueError, match="'amber'"):
+        apply_grounding(model, vocab, {"amber": "red"})
+    found = Grounding(
+        ["crimson", "navy", "rhombus"],
+        ["red", "blue"],
+        np.array([[0.6, 0.1], [0.5, 0.2], [0.1, 0.1]]),
+        {"crimson": ("red", 0.6), "navy": ("red", 0.5)},
+    )
+    assert synonym_map()["crimson"] == "red" and "to the left of" not in synonym_map()
+    assert agreement(found, synonym_map()) == {
+        "grounding_precision": 0.5,  # navy -> red is wrong
+        "grounding_recall": pytest.approx(1 / 3),  # rhombus was not grounded
+    }
+    assert Grounding.from_json(found.to_json()) == {"crimson": "red", "navy": "red"}
+
+
+def test_grounding_needs_the_gru_word_table(tiny_raw):
+    tiny_raw["semantics"]["word_grounding"] = "visual"
+    parse_params(tiny_raw, "test")
+    tiny_raw["model"]["arch"] = "dmmi"
+    with pytest.raises(ParamsError, match="semantics.word_grounding"):
+        parse_params(tiny_raw, "test")
+
+
+def test_semantics_grounds_words_and_init_starts_from_them(repo):
+    """The stage writes what it grounded, with its agreement in the metrics, and `init` trains
+    from the stage-1 model whose target-only rows took their known words' vectors."""
+    sets = ["-S", "semantics.word_grounding=visual", "-S", "semantics.grounding_min_score=0.01"]
+    run_in(repo, "adaseg", *sets, "semantics", "--data", "data/prepared", "--model",
+           "models/source_only", "--out", "g/semantics",
+           "--metrics", "g/semantics.json")  # fmt: skip
+    metrics = json.loads((repo / "g/semantics.json").read_text())
+    assert metrics["target_only_words"] > 0
+    assert 0 <= metrics["grounding_precision"] <= 1
+    written = json.loads((repo / "g/semantics/word_grounding.json").read_text())
+    assert set(written["considered"]) and set(written["grounded"]) <= set(written["considered"])
+    mapping = load_grounding(repo / "g/semantics")
+    assert len(mapping) == metrics["grounded_words"] > 0
+    run_in(repo, "adaseg", *sets, "init", "--data", "data/prepared", "--base",
+           "models/source_only", "--semantics", "g/semantics", "--out", "g/init",
+           "--metrics", "g/init.json", "--plots", "g/init.csv")  # fmt: skip
+    vocab = Vocab.load(repo / "data/prepared/vocab.json")
+    stage1, _ = load_trained(repo / "models/source_only")
+    init, _ = load_trained(repo / "g/init")
+    w1, w2 = stage1.query.embed.weight, init.query.embed.weight
+    for word, known in mapping.items():
+        # no source query uses the word, so source training leaves its copied row as it was
+        assert torch.equal(w2[vocab.stoi[word]], w1[vocab.stoi[known]]), word
