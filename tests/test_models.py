@@ -125,3 +125,16 @@ def test_glove_loader(tmp_path):
         load_glove(path, vocab, 3)
     model = build_model(CFG.model_copy(update={"embed_dim": 3}), len(vocab), table)
     assert torch.equal(model.query.embed.weight.data, table)
+
+
+def test_image_encoded_once_decodes_as_the_whole_forward():
+    """Word grounding asks many queries of one image through ``encode_image`` + ``decode``:
+    the same numbers as ``forward``."""
+    torch.manual_seed(0)
+    model = build_model(CFG, 20).eval()
+    b = _batch()
+    whole = model(b["image"], b["tokens"], b["lengths"], b["superpixels"])
+    feats = model.encode_image(b["image"])
+    split = model.decode(feats, b["tokens"], b["lengths"], b["superpixels"])
+    assert torch.equal(whole["response"], split["response"])
+    assert torch.equal(whole["features"], split["features"])

@@ -47,9 +47,19 @@ class QuerySegNet(nn.Module):
             decoder (SDA's auxiliary decoder reads them); fused: the main decoder's inputs
             after its top-down path.
         """
+        return self.decode(self.encode_image(image, clip), tokens, lengths, superpixels)
+
+    def encode_image(self, image, clip=None) -> list[torch.Tensor]:
+        """The visual side alone: the last ``scales`` encoder levels, finest first (a caller
+        that asks several queries of one image encodes it once)."""
         feats = self.visual(image)[-self.scales :]
         if clip is not None and self.clip_pooling == "mean":
             feats = clip_pooled(self.visual, feats, clip, self.scales)
+        return feats
+
+    def decode(self, feats: list, tokens, lengths, superpixels) -> dict:
+        """:meth:`forward` from :meth:`encode_image`'s features on."""
+        image_size = superpixels.shape[-2:]
         words, q = self.query(tokens, lengths)
         word_mask = tokens != 0
         word_mask[:, 0] = True  # a query is never empty after tokenisation
@@ -61,7 +71,7 @@ class QuerySegNet(nn.Module):
         return referring_outputs(
             self.decoder,
             fs,
-            image.shape[-2:],
+            image_size,
             words=words,
             query=q,
             word_mask=word_mask,

@@ -111,11 +111,11 @@ def presence(
     for start in range(0, len(rows), batch_size):
         idx = rows[start : start + batch_size]
         b = to_batch(data, idx, device)
+        feats = model.encode_image(b["image"], b.get("clip"))  # once for every probe
         for j, (tokens, length) in enumerate(encoded):
             tok = torch.from_numpy(tokens).to(device).expand(len(idx), -1)
             lengths = torch.full((len(idx),), length, dtype=torch.int64)
-            extra = {"clip": b["clip"]} if "clip" in b else {}
-            response = model(b["image"], tok, lengths, b["superpixels"], **extra)["response"]
+            response = model.decode(feats, tok, lengths, b["superpixels"])["response"]
             out[start : start + len(idx), j] = response.flatten(1).amax(1).cpu().numpy()
     return out
 
