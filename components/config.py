@@ -420,7 +420,7 @@ class SemanticsConfig(_Section):
         "use in their queries; no labels (components.adaptation.sda.grounding).",
     )
     grounding_min_score: Annotated[float, Field(gt=0, le=1)] = Field(
-        0.3, description="Least correlation over target images for a word to be grounded."
+        0.2, description="Least correlation over target images for a word to be grounded."
     )
 
     @model_validator(mode="after")
