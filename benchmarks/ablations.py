@@ -46,6 +46,8 @@ ROWS = {
     "kmeans": ["semantics.clustering=kmeans", "semantics.n_clusters=20"],
     "encoded_q": ["semantics.content=encoded"],
     "cfb_peak_anchors": ["adapt.sda.anchors=majority_or_peak"],  # not a paper row: our option
+    "word_grounding": ["semantics.word_grounding=visual"],  # ours: target-only words grounded
+    "no_word_grounding": ["semantics.word_grounding=none"],
 }
 TABLE3 = ["no_csm", "no_cfb", "no_rrb"]
 SPLIT = "target_test"
@@ -114,10 +116,11 @@ def main() -> None:
         metavar="REPO",
         help="only aggregate --rows over repositories that ran them (one seed each)",
     )
+    ap.add_argument("--out", default="ablations_seeds", help="--aggregate's result file name")
     args = ap.parse_args()
     if args.aggregate:
         summary, long = aggregate(args.aggregate, args.rows)
-        out = ROOT / "benchmarks/results/ablations_seeds.json"
+        out = ROOT / f"benchmarks/results/{args.out}.json"
         out.write_text(
             json.dumps(
                 {
@@ -137,7 +140,7 @@ def main() -> None:
                 for a, b in zip(summary[f"{m}_mean"], summary[f"{m}_sd"], strict=True)
             ]
         md = to_markdown(cells)
-        (ROOT / "benchmarks/results/ablations_seeds.md").write_text(md + "\n")
+        out.with_suffix(".md").write_text(md + "\n")
         print(md)
         return
     for row in [] if args.table_only else args.rows:
