@@ -810,12 +810,10 @@ class Params(_Section):
     def _tune_space(self) -> Params:
         if self.model.arch == "dmmi" and self.data.task != "referring":
             raise ValueError("model.arch: dmmi is a referring network (data.task: referring)")
-        if self.semantics.word_grounding != "none" and (
-            self.model.arch != "sda" or self.model.text_encoder != "gru"
-        ):
+        if self.semantics.word_grounding != "none" and self.model.text_encoder != "gru":
             raise ValueError(
                 "semantics.word_grounding: visual rewrites rows of the word table W, which "
-                "needs model.arch: sda with model.text_encoder: gru (set word_grounding: none)"
+                "model.text_encoder: contextual does not have (set word_grounding: none)"
             )
         supported = self.adapt.method_config.TASKS
         if self.data.task not in supported:

@@ -69,7 +69,7 @@ def test_grounded_rows_copy_the_known_word_and_agreement_scores_them():
 def test_grounding_needs_the_gru_word_table(tiny_raw):
     tiny_raw["semantics"]["word_grounding"] = "visual"
     parse_params(tiny_raw, "test")
-    tiny_raw["model"]["arch"] = "dmmi"
+    tiny_raw["model"].update(text_encoder="contextual", text_model_path="/models/bert")
     with pytest.raises(ParamsError, match="semantics.word_grounding"):
         parse_params(tiny_raw, "test")
 
@@ -98,3 +98,39 @@ def test_semantics_grounds_words_and_init_starts_from_them(repo):
     for word, known in mapping.items():
         # no source query uses the word, so source training leaves its copied row as it was
         assert torch.equal(w2[vocab.stoi[word]], w1[vocab.stoi[known]]), word
+
+
+@pytest.mark.parametrize("arch", ["sda", "dmmi"])
+def test_presence_is_the_response_maximum_to_each_probe(arch):
+    from components.adaptation.sda.grounding import presence
+    from components.data.dataset import SplitArrays
+
+    rng = np.random.default_rng(0)
+    n, size = 3, 32
+    vocab = Vocab(["the", "red", "ball"])
+    data = SplitArrays(
+        sample_ids=[f"s{i}" for i in range(n)],
+        query_types=["one"] * n,
+        queries=["the red"] * n,
+        images=rng.integers(0, 255, (n, size, size, 3), dtype=np.uint8),
+        masks=np.zeros((n, size, size), bool),
+        superpixels=rng.integers(0, 10, (n, size, size)).astype(np.int16),
+        tokens=np.zeros((n, 6), np.int64),
+        lengths=np.ones(n, np.int64),
+        true_categories=np.zeros(n, np.int64),
+    )
+    cfg = ModelConfig(arch=arch, widths=[8, 16, 16, 24], hidden=16, embed_dim=8)
+    torch.manual_seed(0)
+    model = build_model(cfg, len(vocab)).eval()
+    got = presence(model, data, np.arange(n), ["red", "ball"], vocab, 6, batch_size=2)
+    tokens, length = vocab.encode("the ball", 6)
+    with torch.no_grad():
+        image = (torch.from_numpy(data.images).permute(0, 3, 1, 2).float() / 255 - 0.5) / 0.25
+        whole = model(
+            image,
+            torch.from_numpy(tokens).expand(n, -1),
+            torch.full((n,), length),
+            torch.from_numpy(data.superpixels).long(),
+        )["response"]
+    assert got.shape == (n, 2)
+    np.testing.assert_allclose(got[:, 1], whole.flatten(1).amax(1).numpy(), rtol=1e-5)

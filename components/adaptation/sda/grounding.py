@@ -111,12 +111,16 @@ def presence(
     for start in range(0, len(rows), batch_size):
         idx = rows[start : start + batch_size]
         b = to_batch(data, idx, device)
-        feats = model.encode_image(b["image"], b.get("clip"))  # once for every probe
+        split = hasattr(model, "encode_image")  # SDA's network: the image is encoded once
+        feats = model.encode_image(b["image"], b.get("clip")) if split else None
         for j, (tokens, length) in enumerate(encoded):
             tok = torch.from_numpy(tokens).to(device).expand(len(idx), -1)
             lengths = torch.full((len(idx),), length, dtype=torch.int64)
-            response = model.decode(feats, tok, lengths, b["superpixels"])["response"]
-            out[start : start + len(idx), j] = response.flatten(1).amax(1).cpu().numpy()
+            if split:
+                out_j = model.decode(feats, tok, lengths, b["superpixels"])
+            else:
+                out_j = model(b["image"], tok, lengths, b["superpixels"])
+            out[start : start + len(idx), j] = out_j["response"].flatten(1).amax(1).cpu().numpy()
     return out
 
 
