@@ -810,11 +810,6 @@ class Params(_Section):
     def _tune_space(self) -> Params:
         if self.model.arch == "dmmi" and self.data.task != "referring":
             raise ValueError("model.arch: dmmi is a referring network (data.task: referring)")
-        if self.semantics.word_grounding != "none" and self.model.text_encoder != "gru":
-            raise ValueError(
-                "semantics.word_grounding: visual rewrites rows of the word table W, which "
-                "model.text_encoder: contextual does not have (set word_grounding: none)"
-            )
         supported = self.adapt.method_config.TASKS
         if self.data.task not in supported:
             raise ValueError(

@@ -15,7 +15,7 @@ from components.adaptation.sda.grounding import (
     load_grounding,
     word_images,
 )
-from components.config import ModelConfig, ParamsError, parse_params
+from components.config import ModelConfig
 from components.data.synthetic import synonym_map
 from components.data.vocab import Vocab
 from components.models.network import build_model, load_trained
@@ -64,14 +64,6 @@ def test_grounded_rows_copy_the_known_word_and_agreement_scores_them():
         "grounding_recall": pytest.approx(1 / 3),  # rhombus was not grounded
     }
     assert Grounding.from_json(found.to_json()) == {"crimson": "red", "navy": "red"}
-
-
-def test_grounding_needs_the_gru_word_table(tiny_raw):
-    tiny_raw["semantics"]["word_grounding"] = "visual"
-    parse_params(tiny_raw, "test")
-    tiny_raw["model"].update(text_encoder="contextual", text_model_path="/models/bert")
-    with pytest.raises(ParamsError, match="semantics.word_grounding"):
-        parse_params(tiny_raw, "test")
 
 
 def test_semantics_grounds_words_and_init_starts_from_them(repo):

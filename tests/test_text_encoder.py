@@ -188,3 +188,20 @@ def test_one_epoch_of_dmmi_with_a_contextual_text_encoder(tiny_bert, tmp_path):
     m = one_epoch(tmp_path, raw, evaluate=True)
     assert 0 <= m["pretrain"]["val_oiou"] <= 1
     assert 0 <= m["evaluate"]["model"]["target_test"]["oiou"] <= 1
+
+
+def test_a_network_without_a_word_table_is_left_as_it_is(tiny_bert):
+    """The contextual text encoder reads a pretrained model's sub-words: it has no W to ground
+    (the stage then grounds nothing), and an empty map changes nothing."""
+    vocab = Vocab(["the", "red"])
+    cfg = ModelConfig(
+        widths=[8, 16, 16, 24], hidden=16, embed_dim=8, text_encoder="contextual",
+        text_model_path=str(tiny_bert),
+    )  # fmt: skip
+    from components.adaptation.sda.grounding import apply_grounding, word_table
+
+    model = build_model(cfg, len(vocab), contextual_subtokens(tiny_bert, vocab, 8))
+    assert word_table(model) is None
+    assert apply_grounding(model, vocab, {}) == 0
+    with pytest.raises(ValueError, match="no word table"):
+        apply_grounding(model, vocab, {"red": "the"})

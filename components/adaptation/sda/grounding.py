@@ -181,7 +181,9 @@ def apply_grounding(model: nn.Module, vocab: Vocab, mapping: dict[str, str]) -> 
         return 0
     table = word_table(model)
     if table is None:
-        raise ValueError("word grounding needs a network with a word table (text_encoder: gru)")
+        raise ValueError(
+            "word grounding: the network has no word table W (text_encoder: gru has one)"
+        )
     for u, k in mapping.items():
         if u not in vocab.stoi or k not in vocab.stoi:
             raise ValueError(f"grounded word {u!r} -> {k!r} is not in the vocabulary")

@@ -20,7 +20,12 @@ from sklearn.metrics import normalized_mutual_info_score
 
 from components.adaptation.sda import csm
 from components.adaptation.sda.clustering import cluster_contents, prototypes
-from components.adaptation.sda.grounding import Grounding, apply_grounding, ground_words
+from components.adaptation.sda.grounding import (
+    Grounding,
+    apply_grounding,
+    ground_words,
+    word_table,
+)
 from components.config import SemanticsConfig
 from components.data.dataset import SplitArrays, iterate_batches, network_inputs, to_batch
 from components.data.vocab import Vocab
@@ -208,7 +213,12 @@ def compute(model, source: SplitArrays, target: SplitArrays, params, vocab: Voca
     cfg, thr = params.semantics, params.model.empty_threshold
     diag: dict = {}
     found = None
-    if cfg.word_grounding == "visual":
+    if cfg.word_grounding == "visual" and word_table(model) is None:
+        log.warning(
+            "semantics.word_grounding: the network has no word table W (text_encoder: "
+            "contextual reads a pretrained encoder's sub-words): nothing to ground"
+        )
+    elif cfg.word_grounding == "visual":
         if vocab is None:
             raise ValueError("semantics.word_grounding: visual needs the vocabulary")
         found = ground_words(
