@@ -414,7 +414,7 @@ class SemanticsConfig(_Section):
         5000, description="Distinct vectors clustered exactly; more are pre-clustered."
     )
     word_grounding: Literal["none", "visual"] = Field(
-        "none",
+        "visual",
         description="visual: give each target-only word the embedding of the known word whose "
         "presence in the target images (the stage-1 model's response) best follows the word's "
         "use in their queries; no labels (components.adaptation.sda.grounding).",
