@@ -6,6 +6,7 @@ Train workers and Tune trials run; only the Ray Train process around it is left 
 
 from __future__ import annotations
 
+import copy
 from dataclasses import replace
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import torch
 from components import train_loop
 from components.adaptation.base import Upstream
 from components.adaptation.phase import AdaptInputs, setup_adapt
+from components.adaptation.sda.grounding import apply_grounding
 from components.adaptation.sda.semantics import compute as csm
 from components.config import Params, parse_params
 from components.data.dataset import load_split
@@ -128,14 +130,18 @@ def run_chain(root: Path, phases=PHASES, in_memory: str = "decoded") -> dict:
 
     stage1 = train_model(params, len(vocab), state["modules"]["model"])
     source, target = split[("source", "train")], split[("target", "train")]
-    res, diag = csm(stage1, source, target, params)
+    res, diag = csm(stage1, source, target, params, vocab)
     out["semantics"] = {k: float(v) for k, v in sorted(diag.items())}
     cats_s, cats_t, common_t = res.labels_s, res.labels_t, res.reliable_t
+    # as the init stage: the stage-1 weights with the grounded word rows
+    grounded = copy.deepcopy(stage1)
+    if res.grounding is not None:
+        apply_grounding(grounded, vocab, {u: k for u, (k, _) in res.grounding.mapping.items()})
 
     inputs = semantic_init.InitInputs(
         task,
         len(vocab),
-        stage1.state_dict(),
+        grounded.state_dict(),
         cats_s,
         ray.put(source),
         ray.put(split[("source", "val")]),
