@@ -143,6 +143,9 @@ def main() -> None:
         out.with_suffix(".md").write_text(md + "\n")
         print(md)
         return
+    # the baseline's params and lock as they are now (committed or not, e.g. a repository
+    # `stage_times.py --keep` made, whose lock git does not track)
+    baseline = {name: (ROOT / name).read_bytes() for name in ("params.yaml", "dvc.lock")}
     for row in [] if args.table_only else args.rows:
         cmd = ["dvc", "exp", "run", "-n", row]
         for item in ROWS[row]:
@@ -151,8 +154,9 @@ def main() -> None:
         subprocess.run(cmd, cwd=ROOT, check=True)
         # `dvc exp run` applies the row's params, lock and outputs to the workspace: put the
         # baseline back before the next row and before the table (whose first row it is).
-        subprocess.run(["git", "checkout", "--", "params.yaml", "dvc.lock"], cwd=ROOT, check=True)
-        subprocess.run(["dvc", "checkout", "--force"], cwd=ROOT, check=True)
+        for name, content in baseline.items():
+            (ROOT / name).write_bytes(content)
+        subprocess.run(["dvc", "checkout", "--force", "dvc.yaml"], cwd=ROOT, check=True)
     md = to_markdown(table_for(ROOT))
     (ROOT / "benchmarks/results/ablations.md").write_text(md + "\n")
     print(md)
