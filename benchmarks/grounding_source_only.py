@@ -48,7 +48,7 @@ def one(repo: Path) -> dict:
         model, source, target, vocab, params.model.max_words, cfg.grounding_min_score
     )
     grounded = copy.deepcopy(model)
-    apply_grounding(grounded, vocab, {u: k for u, (k, _) in found.mapping.items()})
+    apply_grounding(grounded, vocab, found.words())
     test = load_task_split(params, data, "target", "test", task, vocab)
     row = {"repo": str(repo), "seed": params.seed, "grounded": found.to_json()["grounded"]}
     for name, net in (("source_only", model), ("source_only_grounded", grounded)):

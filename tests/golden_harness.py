@@ -136,7 +136,7 @@ def run_chain(root: Path, phases=PHASES, in_memory: str = "decoded") -> dict:
     # as the init stage: the stage-1 weights with the grounded word rows
     grounded = copy.deepcopy(stage1)
     if res.grounding is not None:
-        apply_grounding(grounded, vocab, {u: k for u, (k, _) in res.grounding.mapping.items()})
+        apply_grounding(grounded, vocab, res.grounding.words())
 
     inputs = semantic_init.InitInputs(
         task,

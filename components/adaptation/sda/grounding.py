@@ -57,6 +57,10 @@ class Grounding:
             "probes": self.known,
         }
 
+    def words(self) -> dict[str, str]:
+        """The ``word -> known word`` map (what :func:`apply_grounding` copies)."""
+        return {u: k for u, (k, _) in self.mapping.items()}
+
     @classmethod
     def from_json(cls, raw: dict) -> dict[str, str]:
         """The ``word -> known word`` map of a written grounding."""
@@ -195,7 +199,7 @@ def agreement(found: Grounding, truth: dict[str, str]) -> dict[str, float]:
     """A diagnostic against a known word map (the embedded benchmark's synonym table; never used
     for training): the share of grounded words mapped right (precision) and the share of the
     target-only words ``truth`` names that were grounded right (recall)."""
-    right = sum(truth.get(u) == k for u, (k, _) in found.mapping.items())
+    right = sum(truth.get(u) == k for u, k in found.words().items())
     named = [u for u in found.unseen if u in truth]
     return {
         "grounding_precision": right / len(found.mapping) if found.mapping else 0.0,

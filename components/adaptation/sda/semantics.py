@@ -225,7 +225,7 @@ def compute(model, source: SplitArrays, target: SplitArrays, params, vocab: Voca
             model, source, target, vocab, params.model.max_words, cfg.grounding_min_score
         )
         model = copy.deepcopy(model)
-        apply_grounding(model, vocab, {u: k for u, (k, _) in found.mapping.items()})
+        apply_grounding(model, vocab, found.words())
         diag = {"grounded_words": len(found.mapping), "target_only_words": len(found.unseen)}
     src = extract(model, source, 64, torch.device("cpu"), thr)
     tgt = extract(model, target, 64, torch.device("cpu"), thr)
