@@ -518,7 +518,8 @@ class AdaptConfig(TrainConfig):
         if stray:
             raise ValueError(
                 f"section adapt.{stray[0]} is given but adapt.method is {self.method!r} "
-                f"(remove it, or set adapt.method: {stray[0]})"
+                f"(remove it or set it to null, e.g. `dvc exp run -S adapt.{stray[0]}=null`; "
+                f"or set adapt.method: {stray[0]})"
             )
         return self
 
@@ -690,7 +691,8 @@ def _check_space(params: Params) -> list[str]:
         if other and section[6:] != params.adapt.method:
             errors.append(
                 f"{where}: adapt.method is {params.adapt.method!r} "
-                f"(sweep its fields as adapt.{params.adapt.method}.<field>)"
+                f"(sweep its fields as adapt.{params.adapt.method}.<field>, or drop them: "
+                f"`-S tune.space=null`)"
             )
             continue
         if section not in sections:

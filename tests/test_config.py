@@ -78,3 +78,17 @@ def test_overrides_and_bad_yaml(tmp_path):
         load_params(path)
     with pytest.raises(ParamsError, match="not found"):
         load_params(tmp_path / "missing.yaml")
+
+
+def test_switching_method_on_the_command_line_follows_the_errors_advice():
+    """`dvc exp run -S adapt.method=dacs` names the overrides that make it valid, and those
+    overrides are enough."""
+    overrides = {"adapt.method": "dacs"}
+    for advice in ("adapt.sda=null", "tune.space=null"):
+        with pytest.raises(ParamsError) as info:
+            load_params(ROOT / "params.yaml", overrides)
+        assert f"-S {advice}" in str(info.value)
+        key, _, _ = advice.partition("=")
+        overrides[key] = None
+    params = load_params(ROOT / "params.yaml", overrides)
+    assert params.adapt.method == "dacs" and params.adapt.sda is None
