@@ -4,12 +4,15 @@
     python benchmarks/ablations.py --rows no_csm no_cfb # a subset
     python benchmarks/ablations.py --table-only         # render the experiments run so far
     python benchmarks/ablations.py --aggregate R0 R1 R2 # mean ± sd over repos, one seed each
+    python benchmarks/ablations.py --rows no_word_grounding --snapshot NAME  # one JSON record
 
 Runs in the current repository after `dvc repro`: every row is a `dvc exp run -S ...`, so only
 the stages downstream of the changed params run again (upstream outputs come from DVC's
 cache). After each row the workspace goes back to the baseline (params, lock and outputs);
 then `dvc exp show --json` is rendered by the report stage's ablation table into
-benchmarks/results/ablations.md, the workspace (baseline) first.
+benchmarks/results/ablations.md, the workspace (baseline) first. ``--snapshot NAME`` also keeps
+every model's target-test metrics of the baseline and of each row, the setting (seed, gap
+knobs) and the baseline's word grounding in benchmarks/results/NAME.json.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipelines.report import ablation_table, to_markdown  # noqa: E402
+from pipelines.report import ablation_table, experiment_runs, to_markdown  # noqa: E402
 
 #: name -> params overrides; every row of Tables 3-5 and D.1 is a switch.
 ROWS = {
@@ -76,6 +79,28 @@ def table_for(repo: Path) -> pd.DataFrame:
     return pd.concat([df, pd.DataFrame(refs)], ignore_index=True)
 
 
+def snapshot(repo: Path, rows: list[str]) -> dict:
+    """The record ``--snapshot`` writes: the repository's setting, and every model's metrics
+    on the target test split for its baseline (the workspace) and each of ``rows``."""
+    shown = subprocess.run(
+        ["dvc", "exp", "show", "--json"], cwd=repo, check=True, capture_output=True, text=True
+    ).stdout
+    runs = {r["experiment"]: r for r in experiment_runs(json.loads(shown), SPLIT)}
+    missing = [n for n in ["workspace", *rows] if n not in runs]
+    if missing:
+        raise SystemExit(f"{repo}: no experiment named {', '.join(missing)}; run the rows first")
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    grounding = repo / "semantics/word_grounding.json"
+    return {
+        "setting": {"seed": params["seed"], "gap": params["data"]["gap"]},
+        "repo": str(repo),
+        "command": " ".join(["python", "benchmarks/ablations.py", *sys.argv[1:]]),
+        "split": SPLIT,
+        "runs": {name: runs[name] for name in ["workspace", *rows]},
+        "word_grounding": json.loads(grounding.read_text()) if grounding.is_file() else None,
+    }
+
+
 def aggregate(repos: list[Path], rows: list[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Mean and standard deviation of each row over repositories (one seed each), and the
     per-seed rows they come from."""
@@ -117,6 +142,11 @@ def main() -> None:
         help="only aggregate --rows over repositories that ran them (one seed each)",
     )
     ap.add_argument("--out", default="ablations_seeds", help="--aggregate's result file name")
+    ap.add_argument(
+        "--snapshot",
+        metavar="NAME",
+        help="also write benchmarks/results/NAME.json: the baseline's and the rows' metrics",
+    )
     args = ap.parse_args()
     if args.aggregate:
         summary, long = aggregate(args.aggregate, args.rows)
@@ -160,6 +190,11 @@ def main() -> None:
     md = to_markdown(table_for(ROOT))
     (ROOT / "benchmarks/results/ablations.md").write_text(md + "\n")
     print(md)
+    if args.snapshot:
+        record = snapshot(ROOT, args.rows)
+        out = ROOT / f"benchmarks/results/{args.snapshot}.json"
+        out.write_text(json.dumps(record, indent=2) + "\n")
+        print("wrote", out)
 
 
 if __name__ == "__main__":

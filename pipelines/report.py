@@ -92,9 +92,11 @@ def _exp_rows(node, rows: list) -> None:
         _exp_rows(node.get(key), rows)
 
 
-def ablation_table(exp_show: list, model: str = "sda", split: str = "target_test") -> pd.DataFrame:
-    """One row per experiment: the params that differ from the first (baseline) row and
-    ``model``'s metrics on ``split``. Input: the parsed output of ``dvc exp show --json``."""
+def experiment_runs(exp_show: list, split: str = "target_test") -> list[dict]:
+    """One record per distinct experiment of ``dvc exp show --json`` (parsed), the first
+    (baseline) first: ``experiment``, ``changes`` (the params that differ from the baseline's,
+    ``runtime.*`` aside) and every model's metrics on ``split`` (``eval``). Experiments with
+    the same params as one listed earlier are the same run and are left out."""
     rows: list = []
     _exp_rows(exp_show, rows)
     if not rows:
@@ -109,15 +111,31 @@ def ablation_table(exp_show: list, model: str = "sda", split: str = "target_test
         if key in seen:
             continue
         seen.add(key)
-        vals = evals.get(model, {}).get(split, {})
         out.append(
             {
                 "experiment": name,
                 "changes": ", ".join(f"{k}={v}" for k, v in sorted(diff.items())) or "(baseline)",
-                **{m: vals.get(m) for m in ("oiou", "miou", "map")},
+                "eval": {
+                    m: e[split] for m, e in evals.items() if isinstance(e, dict) and split in e
+                },
             }
         )
-    return pd.DataFrame(out)
+    return out
+
+
+def ablation_table(exp_show: list, model: str = "sda", split: str = "target_test") -> pd.DataFrame:
+    """One row per experiment (:func:`experiment_runs`): its changes and ``model``'s metrics
+    on ``split``. Input: the parsed output of ``dvc exp show --json``."""
+    return pd.DataFrame(
+        [
+            {
+                "experiment": run["experiment"],
+                "changes": run["changes"],
+                **{m: run["eval"].get(model, {}).get(m) for m in ("oiou", "miou", "map")},
+            }
+            for run in experiment_runs(exp_show, split)
+        ]
+    )
 
 
 def records_from_mlflow(params: Params, compare_id: str) -> list[Record]:

@@ -3,7 +3,7 @@
 import pandas as pd
 import pytest
 
-from pipelines.report import ablation_table, table, to_markdown
+from pipelines.report import ablation_table, experiment_runs, table, to_markdown
 
 
 def _eval(oiou):
@@ -56,6 +56,9 @@ def test_ablation_table_from_exp_show_json():
     assert rows.loc["no-cfb", "changes"] == "adapt.cfb=False"  # runtime.* never counts
     assert rows.loc["no-ho", "oiou"] == 0.38
     assert len(df) == 3  # "main" equals the baseline and is listed once
+    runs = {r["experiment"]: r for r in experiment_runs(exp_show)}  # --snapshot's records
+    assert list(runs) == ["workspace", "no-cfb", "no-ho"]
+    assert runs["no-cfb"]["eval"] == {"sda": _eval(0.3)["target_test"]}
     with pytest.raises(ValueError, match="no experiment"):
         ablation_table([{"rev": "x", "data": None}])
     assert isinstance(df, pd.DataFrame)
