@@ -8,7 +8,7 @@ closes, the `masks` and `semantics` stages' metrics, wall time and peak memory; 
 
 Each name is a ``benchmarks/results/stage_times_<name>.json``; the repository the run kept
 (``:path``, optional) adds its masks / semantics metrics. Writes
-benchmarks/results/sda_runs.json and prints markdown.
+benchmarks/results/<--out>.json (default sda_runs.json) and prints markdown.
 """
 
 from __future__ import annotations
@@ -61,19 +61,23 @@ def summarise(rows: list[dict]) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("groups", nargs="+", help="label=name[:repo],... (stage_times_<name>.json)")
+    ap.add_argument("--out", default="sda_runs", help="result file name (without .json)")
     args = ap.parse_args()
     report = {}
     for group in args.groups:
         label, _, names = group.partition("=")
         rows = [one_run(n) for n in names.split(",")]
         report[label] = {"runs": rows, "mean_sd": summarise(rows)}
-    (RESULTS / "sda_runs.json").write_text(json.dumps(report, indent=1) + "\n")
+    (RESULTS / f"{args.out}.json").write_text(json.dumps(report, indent=1) + "\n")
     cols = [
         "source_only/oiou",
         "sda/oiou",
         "oracle/oiou",
         "gap_closed",
+        "source_only/miou",
         "sda/miou",
+        "source_only/map",
+        "sda/map",
         "masks/val_map",
         "masks/kept_fraction",
         "masks/oiou_vs_gt",
