@@ -58,13 +58,26 @@ METRICS = ("oiou", "miou", "map")
 PAIRED = ("d_oiou", "gap_closed")  # per seed, then mean and spread
 
 
-def table_for(repo: Path) -> pd.DataFrame:
-    """The ablation table of one repository: its experiments (workspace first) and the two
-    references of its baseline run, SDA on the target test split."""
+def exp_show(repo: Path) -> list:
+    """``dvc exp show --json`` of ``repo``, parsed."""
     shown = subprocess.run(
         ["dvc", "exp", "show", "--json"], cwd=repo, check=True, capture_output=True, text=True
     ).stdout
-    df = ablation_table(json.loads(shown))
+    return json.loads(shown)
+
+
+def require(repo: Path, names: list[str], present) -> None:
+    """Stop, naming them, when experiments ``names`` are not among ``present``."""
+    missing = [n for n in names if n not in present]
+    if missing:
+        raise SystemExit(f"{repo}: no experiment named {', '.join(missing)}; run the rows first")
+
+
+def table_for(repo: Path, shown: list | None = None) -> pd.DataFrame:
+    """The ablation table of one repository (from ``shown``, its parsed ``dvc exp show``, if
+    given): its experiments (workspace first) and the two references of its baseline run, SDA
+    on the target test split."""
+    df = ablation_table(shown if shown is not None else exp_show(repo))
     # Table 3 reads against the two references of the baseline run, same split.
     evals = json.loads((repo / "metrics/eval.json").read_text())
     refs = [
@@ -79,16 +92,12 @@ def table_for(repo: Path) -> pd.DataFrame:
     return pd.concat([df, pd.DataFrame(refs)], ignore_index=True)
 
 
-def snapshot(repo: Path, rows: list[str]) -> dict:
+def snapshot(repo: Path, rows: list[str], shown: list) -> dict:
     """The record ``--snapshot`` writes: the repository's setting, and every model's metrics
-    on the target test split for its baseline (the workspace) and each of ``rows``."""
-    shown = subprocess.run(
-        ["dvc", "exp", "show", "--json"], cwd=repo, check=True, capture_output=True, text=True
-    ).stdout
-    runs = {r["experiment"]: r for r in experiment_runs(json.loads(shown), SPLIT)}
-    missing = [n for n in ["workspace", *rows] if n not in runs]
-    if missing:
-        raise SystemExit(f"{repo}: no experiment named {', '.join(missing)}; run the rows first")
+    on the target test split for its baseline (the workspace) and each of ``rows``
+    (``shown``: the repository's parsed ``dvc exp show``)."""
+    runs = {r["experiment"]: r for r in experiment_runs(shown, SPLIT)}
+    require(repo, ["workspace", *rows], runs)
     params = yaml.safe_load((repo / "params.yaml").read_text())
     grounding = repo / "semantics/word_grounding.json"
     return {
@@ -109,11 +118,7 @@ def aggregate(repos: list[Path], rows: list[str]) -> tuple[pd.DataFrame, pd.Data
     for repo in repos:
         seed = yaml.safe_load((repo / "params.yaml").read_text())["seed"]
         df = table_for(repo).drop_duplicates("experiment").set_index("experiment")
-        missing = [n for n in names if n not in df.index]
-        if missing:
-            raise SystemExit(
-                f"{repo}: no experiment named {', '.join(missing)}; run the rows first"
-            )
+        require(repo, names, df.index)
         df = df.loc[names].assign(seed=seed)
         # paired with the same seed's SDA, and as a share of its source-only -> oracle gap
         df["d_oiou"] = df["oiou"] - df.loc["workspace", "oiou"]
@@ -187,11 +192,12 @@ def main() -> None:
         for name, content in baseline.items():
             (ROOT / name).write_bytes(content)
         subprocess.run(["dvc", "checkout", "--force", "dvc.yaml"], cwd=ROOT, check=True)
-    md = to_markdown(table_for(ROOT))
+    shown = exp_show(ROOT)
+    md = to_markdown(table_for(ROOT, shown))
     (ROOT / "benchmarks/results/ablations.md").write_text(md + "\n")
     print(md)
     if args.snapshot:
-        record = snapshot(ROOT, args.rows)
+        record = snapshot(ROOT, args.rows, shown)
         out = ROOT / f"benchmarks/results/{args.snapshot}.json"
         out.write_text(json.dumps(record, indent=2) + "\n")
         print("wrote", out)
