@@ -4,9 +4,9 @@ target-only words grounded and nothing trained, on target test.
     python benchmarks/grounding_source_only.py --repos /tmp/v4keep/seed0 /tmp/v4keep/seed1
 
 Per repository (after `dvc repro`): ``semantics.word_grounding: visual`` is run on its stage-1
-model as the `semantics` stage runs it (same data, same ``grounding_min_score``: the same words),
-the grounded rows are copied into the model's word table, and the model is evaluated on the
-target test split next to the unchanged model. Writes
+model as the `semantics` stage runs it (same data, same ``grounding_min_score`` and seed: the
+same words), the grounded rows are copied into the model's word table, and the model is
+evaluated on the target test split next to the unchanged model. Writes
 benchmarks/results/<--out>.json and prints a table.
 """
 
@@ -23,7 +23,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from components.adaptation.sda.grounding import apply_grounding, ground_words  # noqa: E402
+from components.adaptation.sda.grounding import apply_grounding  # noqa: E402
+from components.adaptation.sda.semantics import ground  # noqa: E402
 from components.config import load_params  # noqa: E402
 from components.data.vocab import Vocab  # noqa: E402
 from components.models.network import load_trained  # noqa: E402
@@ -43,10 +44,7 @@ def one(repo: Path) -> dict:
     task = info["task_obj"]
     source = load_query_split(params, data, "source", "train", vocab)
     target = load_query_split(params, data, "target", "train", vocab)
-    cfg = params.semantics
-    found = ground_words(
-        model, source, target, vocab, params.model.max_words, cfg.grounding_min_score
-    )
+    found = ground(model, source, target, vocab, params)
     grounded = copy.deepcopy(model)
     apply_grounding(grounded, vocab, found.words())
     test = load_task_split(params, data, "target", "test", task, vocab)

@@ -419,9 +419,21 @@ class SemanticsConfig(_Section):
         "presence in the target images (the stage-1 model's response) best follows the word's "
         "use in their queries; no labels (components.adaptation.sda.grounding).",
     )
-    grounding_min_score: Annotated[float, Field(gt=0, le=1)] = Field(
-        0.2, description="Least correlation over target images for a word to be grounded."
+    grounding_min_score: float | Literal["chance"] = Field(
+        "chance",
+        description="Least correlation over target images for a word to be grounded; chance: "
+        "the level chance reaches with probability grounding_alpha (a permutation test).",
     )
+    grounding_alpha: Annotated[float, Field(gt=0, lt=1)] = Field(
+        0.05, description="grounding_min_score: chance's error rate over all pairs tested."
+    )
+
+    @field_validator("grounding_min_score", mode="before")
+    @classmethod
+    def _min_score(cls, v):
+        if v == "chance" or (isinstance(v, int | float) and not isinstance(v, bool) and 0 < v <= 1):
+            return v
+        raise ValueError(f"a correlation in (0, 1] or 'chance', not {v!r}")
 
     @model_validator(mode="after")
     def _cluster_count(self) -> SemanticsConfig:

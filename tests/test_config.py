@@ -44,6 +44,9 @@ def _error_for(mutate) -> str:
         (lambda r: r["data"]["query_mix"].update(one=0.9), "data.query_mix"),
         (lambda r: r["data"].update(min_objects=5, max_objects=2), "min_objects"),
         (lambda r: r["model"].update(embeddings="glove"), "glove_path is required"),
+        (lambda r: r["semantics"].update(grounding_min_score="auto"), "grounding_min_score"),
+        (lambda r: r["semantics"].update(grounding_min_score=1.5), "grounding_min_score"),
+        (lambda r: r["semantics"].update(grounding_alpha=1), "semantics.grounding_alpha"),
     ],
 )
 def test_bad_params_name_the_field(mutate, expected):

@@ -11,6 +11,7 @@ from components.adaptation.sda.grounding import (
     agreement,
     apply_grounding,
     candidate_words,
+    chance_level,
     correlation,
     load_grounding,
     word_images,
@@ -29,6 +30,29 @@ def test_correlation_by_hand():
     assert r.shape == (2, 2)
     assert r[0, 0] > 0.95 and r[0, 1] < -0.9  # a follows the first probe, not the second
     assert r[1].tolist() == [0.0, 0.0]  # a word in every image says nothing: no NaN
+
+
+def test_chance_level_keeps_chance_out_and_lets_a_real_word_in():
+    """With nothing linking words to images, the best of many pairs still correlates by
+    chance; the chance level sits above it (in 1 - alpha of the draws) and well under a word
+    that does follow a probe. Fewer images: a higher level."""
+    rng = np.random.default_rng(0)
+    images, words, probes = 400, 15, 25
+    hits = 0
+    for draw in range(20):
+        occurs = (rng.random((images, words)) < 0.2).astype(float)
+        present = rng.random((images, probes))
+        level = chance_level(occurs, present, 0.05, np.random.default_rng(draw))
+        hits += correlation(occurs, present).max() >= level
+    assert hits <= 4  # chance crosses it about once in 20 draws (5 %)
+    assert 0.1 < level < 0.3  # ~ 3.5 standard errors of r at 400 images
+    # a word that names what probe 3 finds: present where it is used, plus noise
+    occurs[:, 0] = rng.random(images) < 0.2
+    present[:, 3] = occurs[:, 0] * 0.3 + rng.random(images)
+    assert correlation(occurs, present)[0, 3] > level
+    few = chance_level(occurs[:100], present[:100], 0.05, np.random.default_rng(0))
+    assert few > level
+    assert chance_level(occurs, present, 0.01, np.random.default_rng(0)) > level
 
 
 def test_candidates_leave_out_templates_and_words_in_every_image():
@@ -78,6 +102,7 @@ def test_semantics_grounds_words_and_init_starts_from_them(repo):
     assert 0 <= metrics["grounding_precision"] <= 1
     written = json.loads((repo / "g/semantics/word_grounding.json").read_text())
     assert set(written["considered"]) and set(written["grounded"]) <= set(written["considered"])
+    assert written["threshold"] == 0.01 == metrics["grounding_threshold"]
     mapping = load_grounding(repo / "g/semantics")
     assert len(mapping) == metrics["grounded_words"] > 0
     run_in(repo, "adaseg", *sets, "init", "--data", "data/prepared", "--base",

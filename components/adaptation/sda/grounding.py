@@ -10,6 +10,13 @@ grounded to the known word whose presence over the target images best follows th
 occurrence (Pearson correlation over images, one row per image), when that correlation reaches
 ``semantics.grounding_min_score``; its embedding row then takes the known word's vector.
 
+The default score is chance's own level (``grounding_min_score: chance``): the correlation
+that the best of all (target-only word, probe word) pairs reaches when the images' queries are
+paired with other images at random, exceeded by chance with probability
+``semantics.grounding_alpha`` (a max-statistic permutation test, which holds that error rate
+over all the pairs tested at once). It follows the data's size: a fixed score is too strict
+for a dataset of many images and too lax for one of few.
+
 This is cross-situational word learning: it reads the target queries' text and images and the
 stage-1 model, never a target mask or category.
 """
@@ -43,6 +50,7 @@ class Grounding:
     known: list[str]
     scores: np.ndarray  # (len(unseen), len(known))
     mapping: dict[str, tuple[str, float]] = field(default_factory=dict)
+    threshold: float = float("nan")  # the least score grounded (a given one, or chance's)
 
     def to_json(self) -> dict:
         considered = {}
@@ -55,6 +63,7 @@ class Grounding:
             },
             "considered": considered,
             "probes": self.known,
+            "threshold": None if np.isnan(self.threshold) else round(self.threshold, 4),
         }
 
     def words(self) -> dict[str, str]:
@@ -139,16 +148,40 @@ def correlation(occurs: np.ndarray, present: np.ndarray) -> np.ndarray:
     return np.nan_to_num(r, nan=0.0)
 
 
+#: random pairings of the chance level (:func:`chance_level`)
+PERMUTATIONS = 1000
+
+
+def chance_level(
+    occurs: np.ndarray, present: np.ndarray, alpha: float, rng: np.random.Generator
+) -> float:
+    """The score chance exceeds with probability ``alpha``: the (1 - ``alpha``) quantile, over
+    :data:`PERMUTATIONS` random pairings of the rows of ``occurs`` (I, U) with those of
+    ``present`` (I, K), of the largest correlation of any (column of ``occurs``, column of
+    ``present``) pair. A pairing keeps each word's image count and which words share images,
+    and breaks only the link between an image's queries and its content."""
+    maxima = [
+        correlation(occurs[rng.permutation(len(occurs))], present).max()
+        for _ in range(PERMUTATIONS)
+    ]
+    return float(np.quantile(maxima, 1 - alpha))
+
+
 def ground_words(
     model: nn.Module,
     source: SplitArrays,
     target: SplitArrays,
     vocab: Vocab,
     max_words: int,
-    min_score: float,
+    min_score: float | None,
+    alpha: float = 0.05,
+    seed: int = 0,
     min_images: int = 5,
 ) -> Grounding:
-    """Ground the target-only words of ``target``'s queries on the stage-1 ``model``."""
+    """Ground the target-only words of ``target``'s queries on the stage-1 ``model``: a word
+    takes its best probe when their correlation reaches ``min_score``, or with ``min_score``
+    None, chance's level at ``alpha`` (:func:`chance_level`, its pairings drawn from
+    ``seed``)."""
     first, image_of = target.images_index()
     uses = word_images(target.queries, image_of, len(first))
     unseen, known = candidate_words(source.queries, uses, len(first), min_images)
@@ -159,12 +192,14 @@ def ground_words(
         occurs[sorted(uses[w]), j] = 1.0
     present = presence(model, target, first, known, vocab, max_words).astype(np.float64)
     scores = correlation(occurs, present)
+    if min_score is None:
+        min_score = chance_level(occurs, present, alpha, np.random.default_rng(seed))
     mapping = {}
     for i, u in enumerate(unseen):
         j = int(scores[i].argmax())
         if scores[i, j] >= min_score:
             mapping[u] = (known[j], float(scores[i, j]))
-    return Grounding(unseen, known, scores, mapping)
+    return Grounding(unseen, known, scores, mapping, float(min_score))
 
 
 def word_table(model: nn.Module) -> nn.Embedding | None:

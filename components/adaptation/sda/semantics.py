@@ -204,6 +204,22 @@ def diagnostics(res: SemanticsResult, truth_s: np.ndarray, truth_t: np.ndarray) 
     }
 
 
+def ground(model, source: SplitArrays, target: SplitArrays, vocab: Vocab, params) -> Grounding:
+    """Word grounding as ``params.semantics`` sets it (``grounding_min_score``, its alpha)."""
+    cfg = params.semantics
+    min_score = cfg.grounding_min_score
+    return ground_words(
+        model,
+        source,
+        target,
+        vocab,
+        params.model.max_words,
+        None if min_score == "chance" else min_score,
+        cfg.grounding_alpha,
+        params.seed,
+    )
+
+
 def compute(model, source: SplitArrays, target: SplitArrays, params, vocab: Vocab | None = None):
     """CSM in this process: word grounding (``semantics.word_grounding``, on a copy of
     ``model``), extraction, predictor, clustering; returns (result, diagnostics).
@@ -221,12 +237,14 @@ def compute(model, source: SplitArrays, target: SplitArrays, params, vocab: Voca
     elif cfg.word_grounding == "visual":
         if vocab is None:
             raise ValueError("semantics.word_grounding: visual needs the vocabulary")
-        found = ground_words(
-            model, source, target, vocab, params.model.max_words, cfg.grounding_min_score
-        )
+        found = ground(model, source, target, vocab, params)
         model = copy.deepcopy(model)
         apply_grounding(model, vocab, found.words())
-        diag = {"grounded_words": len(found.mapping), "target_only_words": len(found.unseen)}
+        diag = {
+            "grounded_words": len(found.mapping),
+            "target_only_words": len(found.unseen),
+            "grounding_threshold": found.threshold,
+        }
     src = extract(model, source, 64, torch.device("cpu"), thr)
     tgt = extract(model, target, 64, torch.device("cpu"), thr)
     res = build(src, tgt, cfg, params.seed)
