@@ -424,8 +424,10 @@ class SemanticsConfig(_Section):
         description="Least correlation over target images for a word to be grounded; chance: "
         "the level chance reaches with probability grounding_alpha (a permutation test).",
     )
-    grounding_alpha: Annotated[float, Field(gt=0, lt=1)] = Field(
-        0.05, description="grounding_min_score: chance's error rate over all pairs tested."
+    grounding_alpha: Annotated[float, Field(ge=0.001, lt=1)] = Field(
+        0.05,
+        description="grounding_min_score: chance's error rate over all pairs tested (at least "
+        "0.001: the test draws 1000 random pairings).",
     )
 
     @field_validator("grounding_min_score", mode="before")

@@ -7,20 +7,22 @@ import pytest
 import torch
 
 from components.adaptation.sda.grounding import (
+    PERMUTATIONS,
     Grounding,
     agreement,
     apply_grounding,
+    best_matches,
     candidate_words,
     chance_level,
     correlation,
     load_grounding,
     word_images,
 )
-from components.config import ModelConfig
+from components.config import ModelConfig, ParamsError, parse_params
 from components.data.synthetic import synonym_map
 from components.data.vocab import Vocab
 from components.models.network import build_model, load_trained
-from tests.conftest import run_in
+from tests.conftest import real_params, run_in
 
 
 def test_correlation_by_hand():
@@ -53,6 +55,27 @@ def test_chance_level_keeps_chance_out_and_lets_a_real_word_in():
     few = chance_level(occurs[:100], present[:100], 0.05, np.random.default_rng(0))
     assert few > level
     assert chance_level(occurs, present, 0.01, np.random.default_rng(0)) > level
+
+
+def test_nothing_is_grounded_on_probes_that_never_vary():
+    """A stage-1 model whose responses are the same on every image says nothing: chance's level
+    is then 0, and a score of 0 grounds no word."""
+    occurs = (np.random.default_rng(0).random((50, 3)) < 0.3).astype(float)
+    present = np.full((50, 4), 0.7)
+    level = chance_level(occurs, present, 0.05, np.random.default_rng(0))
+    assert level == 0.0
+    assert best_matches(correlation(occurs, present), ["a", "b", "c"], list("wxyz"), level) == {}
+    scores = np.array([[0.1, 0.3], [0.05, 0.02]])
+    assert best_matches(scores, ["a", "b"], ["x", "y"], 0.2) == {"a": ("y", 0.3)}
+
+
+def test_alpha_cannot_ask_more_than_the_permutations_resolve():
+    raw = real_params()
+    raw["semantics"]["grounding_alpha"] = 1 / PERMUTATIONS
+    assert parse_params(raw).semantics.grounding_alpha == 1 / PERMUTATIONS
+    raw["semantics"]["grounding_alpha"] = 0.5 / PERMUTATIONS
+    with pytest.raises(ParamsError, match="semantics.grounding_alpha"):
+        parse_params(raw)
 
 
 def test_candidates_leave_out_templates_and_words_in_every_image():

@@ -137,18 +137,24 @@ def presence(
     return out
 
 
+def standardized(x: np.ndarray) -> np.ndarray:
+    """Columns of ``x`` centred and scaled to unit norm (all zero where a column is constant),
+    so that ``standardized(a).T @ standardized(b)`` is the Pearson correlation of columns."""
+    centred = x - x.mean(0)
+    norm = np.sqrt((centred**2).sum(0))
+    # constant: all values equal (centring may leave rounding noise, which must not count)
+    varies = x.max(0) > x.min(0)
+    return np.divide(centred, norm, out=np.zeros_like(centred), where=varies & (norm > 0))
+
+
 def correlation(occurs: np.ndarray, present: np.ndarray) -> np.ndarray:
     """Pearson correlation over rows of every column of ``occurs`` (I, U) with every column of
     ``present`` (I, K): (U, K); 0 where a column is constant."""
-    a = occurs - occurs.mean(0)
-    b = present - present.mean(0)
-    denom = np.outer(np.sqrt((a**2).sum(0)), np.sqrt((b**2).sum(0)))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        r = (a.T @ b) / denom
-    return np.nan_to_num(r, nan=0.0)
+    return standardized(occurs).T @ standardized(present)
 
 
-#: random pairings of the chance level (:func:`chance_level`)
+#: random pairings of the chance level (:func:`chance_level`); ``semantics.grounding_alpha``
+#: is at least its inverse
 PERMUTATIONS = 1000
 
 
@@ -159,11 +165,10 @@ def chance_level(
     :data:`PERMUTATIONS` random pairings of the rows of ``occurs`` (I, U) with those of
     ``present`` (I, K), of the largest correlation of any (column of ``occurs``, column of
     ``present``) pair. A pairing keeps each word's image count and which words share images,
-    and breaks only the link between an image's queries and its content."""
-    maxima = [
-        correlation(occurs[rng.permutation(len(occurs))], present).max()
-        for _ in range(PERMUTATIONS)
-    ]
+    and breaks only the link between an image's queries and its content. One-sided, as
+    grounding is: only a word that follows a probe is grounded."""
+    a, b = standardized(occurs), standardized(present)  # a row permutation keeps both
+    maxima = [(a[rng.permutation(len(a))].T @ b).max() for _ in range(PERMUTATIONS)]
     return float(np.quantile(maxima, 1 - alpha))
 
 
@@ -186,7 +191,8 @@ def ground_words(
     uses = word_images(target.queries, image_of, len(first))
     unseen, known = candidate_words(source.queries, uses, len(first), min_images)
     if not unseen or not known:
-        return Grounding(unseen, known, np.zeros((len(unseen), len(known))))
+        given = float("nan") if min_score is None else float(min_score)
+        return Grounding(unseen, known, np.zeros((len(unseen), len(known))), {}, given)
     occurs = np.zeros((len(first), len(unseen)), np.float64)
     for j, w in enumerate(unseen):
         occurs[sorted(uses[w]), j] = 1.0
@@ -194,12 +200,22 @@ def ground_words(
     scores = correlation(occurs, present)
     if min_score is None:
         min_score = chance_level(occurs, present, alpha, np.random.default_rng(seed))
+    mapping = best_matches(scores, unseen, known, min_score)
+    return Grounding(unseen, known, scores, mapping, float(min_score))
+
+
+def best_matches(
+    scores: np.ndarray, unseen: list[str], known: list[str], min_score: float
+) -> dict[str, tuple[str, float]]:
+    """Each word of ``unseen`` -> (its best word of ``known``, score) where that score (a row
+    of ``scores``) reaches ``min_score`` and is positive (chance's level is 0 when no probe's
+    response varies over the images)."""
     mapping = {}
     for i, u in enumerate(unseen):
         j = int(scores[i].argmax())
-        if scores[i, j] >= min_score:
+        if scores[i, j] >= min_score and scores[i, j] > 0:
             mapping[u] = (known[j], float(scores[i, j]))
-    return Grounding(unseen, known, scores, mapping, float(min_score))
+    return mapping
 
 
 def word_table(model: nn.Module) -> nn.Embedding | None:

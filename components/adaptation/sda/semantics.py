@@ -240,11 +240,9 @@ def compute(model, source: SplitArrays, target: SplitArrays, params, vocab: Voca
         found = ground(model, source, target, vocab, params)
         model = copy.deepcopy(model)
         apply_grounding(model, vocab, found.words())
-        diag = {
-            "grounded_words": len(found.mapping),
-            "target_only_words": len(found.unseen),
-            "grounding_threshold": found.threshold,
-        }
+        diag = {"grounded_words": len(found.mapping), "target_only_words": len(found.unseen)}
+        if np.isfinite(found.threshold):  # NaN: no word or no probe to test, chance unknown
+            diag["grounding_threshold"] = found.threshold
     src = extract(model, source, 64, torch.device("cpu"), thr)
     tgt = extract(model, target, 64, torch.device("cpu"), thr)
     res = build(src, tgt, cfg, params.seed)
