@@ -21,7 +21,16 @@ from pathlib import Path
 RESULTS = Path(__file__).resolve().parent / "results"
 MODELS = ("source_only", "sda", "oracle")
 MASKS = ("classifier_loss", "label_prior_loss", "val_map", "kept_fraction", "oiou_vs_gt")
-SEMANTICS = ("k_s", "k_t", "k_u", "purity_target", "nmi_target")
+SEMANTICS = (
+    "k_s",
+    "k_t",
+    "k_u",
+    "purity_target",
+    "nmi_target",
+    "grounded_words",
+    "grounding_precision",
+    "grounding_threshold",
+)
 
 
 def one_run(item: str) -> dict:
@@ -45,6 +54,10 @@ def one_run(item: str) -> dict:
         if path and path.is_file():
             values = json.loads(path.read_text())
             row.update({f"{stage}/{k}": values.get(k) for k in keys})
+    grounding = repo / "semantics" / "word_grounding.json" if repo else None
+    if grounding and grounding.is_file():  # word -> [known word, score]
+        grounded = json.loads(grounding.read_text())["grounded"]
+        row["grounded"] = {u: [g["word"], g["score"]] for u, g in sorted(grounded.items())}
     return row
 
 
@@ -93,6 +106,13 @@ def main() -> None:
         for r in g["runs"]:
             cells = [f"{r[c]:.3f}" if isinstance(r.get(c), float) else "–" for c in cols]
             print(f"| {label}: {r['run']} | 1 | " + " | ".join(cells) + " |")
+    for label, g in report.items():  # word grounding of each run (semantics stage)
+        for r in g["runs"]:
+            if "grounded" in r:
+                words = ", ".join(f"{u} -> {k} ({v:.2f})" for u, (k, v) in r["grounded"].items())
+                level = r.get("semantics/grounding_threshold")
+                at = f" at {level:.3f}" if isinstance(level, float) else ""
+                print(f"{label}: {r['run']}: grounded{at}: {words or 'none'}")
 
 
 if __name__ == "__main__":
