@@ -7,8 +7,10 @@ closes, the `masks` and `semantics` stages' metrics, wall time and peak memory; 
         visual09=v4_visual09_seed0:/tmp/v4g1
 
 Each name is a ``benchmarks/results/stage_times_<name>.json``; the repository the run kept
-(``:path``, optional) adds its masks / semantics metrics. Writes
-benchmarks/results/<--out>.json (default sda_runs.json) and prints markdown.
+(``:path``, optional) adds its masks / semantics metrics. ``@path`` instead takes a kept
+repository as it is now (its ``metrics/eval.json``, e.g. after stages were re-run in it with
+newer code), without a timing. Writes benchmarks/results/<--out>.json (default sda_runs.json)
+and prints markdown.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import argparse
 import json
 import statistics
 from pathlib import Path
+
+import yaml
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MODELS = ("source_only", "sda", "oracle")
@@ -34,8 +38,15 @@ SEMANTICS = (
 
 
 def one_run(item: str) -> dict:
-    name, _, kept = item.partition(":")
-    rec = json.loads((RESULTS / f"stage_times_{name}.json").read_text())
+    if item.startswith("@"):  # a kept repository as it is now: no timing
+        name = kept = item[1:]
+        repo = Path(kept)
+        params = yaml.safe_load((repo / "params.yaml").read_text())
+        eval_ = json.loads((repo / "metrics" / "eval.json").read_text())
+        rec = {"seed": params["seed"], "eval": eval_, "wall_s": None, "peak_pss_mib": None}
+    else:
+        name, _, kept = item.partition(":")
+        rec = json.loads((RESULTS / f"stage_times_{name}.json").read_text())
     test = {m: rec["eval"][m]["target_test"] for m in MODELS}
     so, sda, orc = (test[m]["oiou"] for m in MODELS)
     row = {
@@ -45,8 +56,8 @@ def one_run(item: str) -> dict:
         **{f"{m}/{k}": test[m][k] for m in MODELS for k in ("oiou", "miou", "map")},
         "sda/zero_acc": test["sda"].get("zero/acc"),
         "gap_closed": (sda - so) / (orc - so) if orc != so else float("nan"),
-        "wall_min": rec["wall_s"] / 60,
-        "peak_pss_gib": rec["peak_pss_mib"] / 1024,
+        "wall_min": rec["wall_s"] / 60 if rec["wall_s"] is not None else None,
+        "peak_pss_gib": rec["peak_pss_mib"] / 1024 if rec["peak_pss_mib"] is not None else None,
     }
     repo = Path(kept) if kept else None
     for stage, keys in (("masks", MASKS), ("semantics", SEMANTICS)):
