@@ -179,8 +179,8 @@ def ground_words(
     vocab: Vocab,
     max_words: int,
     min_score: float | None,
-    alpha: float = 0.05,
-    seed: int = 0,
+    alpha: float,
+    seed: int,
     min_images: int = 5,
 ) -> Grounding:
     """Ground the target-only words of ``target``'s queries on the stage-1 ``model``: a word
