@@ -111,9 +111,8 @@ def figures(
         for domain, data in splits.items():
             rows = np.flatnonzero(data.has_mask())[:n]
             batch = to_batch(data, rows, torch.device("cpu"))
-            args, kwargs = network_inputs(batch)
-            f = model(*args, **kwargs)
-            mean, _ = masked_mean(f["features"], cells(batch["mask"], f["features"].shape[-2:]))
+            f = encoder_features(model, batch)
+            mean, _ = masked_mean(f, cells(batch["mask"], f.shape[-2:]))
             feats[name][domain] = mean.numpy()
     tsne_domains(feats["before"], feats["after"], out / "tsne.png", params.seed)
 
@@ -130,6 +129,17 @@ def figures(
     reciprocal_masks(
         target.images[rows], domain_masks, semantic, queries, out / "reciprocal_masks.png"
     )
+
+
+def encoder_features(model, batch: dict) -> torch.Tensor:
+    """``features`` of ``model``'s forward on ``batch`` (the last encoder level): from the
+    visual side alone where the network encodes images apart from queries (SDA's base network),
+    at a quarter of a forward's cost; otherwise (DMMI's, whose encoder reads the query) from
+    the whole forward."""
+    if hasattr(model, "encode_image"):
+        return model.encode_image(batch["image"], batch.get("clip"))[-1]
+    args, kwargs = network_inputs(batch)
+    return model(*args, **kwargs)["features"]
 
 
 def main(

@@ -138,3 +138,16 @@ def test_image_encoded_once_decodes_as_the_whole_forward():
     split = model.decode(feats, b["tokens"], b["lengths"], b["superpixels"])
     assert torch.equal(whole["response"], split["response"])
     assert torch.equal(whole["features"], split["features"])
+
+
+@pytest.mark.parametrize("arch", ["sda", "dmmi"])
+def test_encoder_features_are_the_forwards_features(arch):
+    """Fig. 7's features (``pipelines.adapt.encoder_features``) equal the forward's
+    ``features``, whether the network encodes the image apart from the query or not."""
+    from pipelines.adapt import encoder_features
+
+    cfg = ModelConfig.model_validate({**CFG.model_dump(), "arch": arch, "dmmi": {"ccr_heads": 4}})
+    model = build_model(cfg, 20).eval()
+    batch = _batch()
+    with torch.no_grad():
+        assert torch.equal(encoder_features(model, batch), _forward(model, batch)["features"])
