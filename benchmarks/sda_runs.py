@@ -11,6 +11,13 @@ Each name is a ``benchmarks/results/stage_times_<name>.json``; the repository th
 repository as it is now (its ``metrics/eval.json``, e.g. after stages were re-run in it with
 newer code), without a timing. Writes benchmarks/results/<--out>.json (default sda_runs.json)
 and prints markdown.
+
+``--paired FILE`` (an earlier result of this script, e.g. before a change of schedule): each
+group pairs its runs by seed with the same-named group of FILE and adds the per-seed
+differences (this run minus FILE's) with their mean ± sd.
+
+    python benchmarks/sda_runs.py --out sda_runs_new --paired sda_runs_old.json \
+        default=@/tmp/k0,@/tmp/k1,@/tmp/k2
 """
 
 from __future__ import annotations
@@ -72,6 +79,31 @@ def one_run(item: str) -> dict:
     return row
 
 
+#: what ``--paired`` differences (target test)
+PAIRED = ("sda/oiou", "sda/miou", "sda/map", "source_only/oiou", "oracle/oiou", "gap_closed")
+
+
+def paired(report: dict, files: list[str]) -> None:
+    """Per group, ``paired``: this group's runs minus the same seeds' runs of the same-named
+    group in ``files`` (names under benchmarks/results or paths)."""
+    base: dict = {}
+    for f in files:
+        path = Path(f) if Path(f).is_file() else RESULTS / f
+        base.update({k: (path.name, v) for k, v in json.loads(path.read_text()).items()})
+    for label, g in report.items():
+        if label not in base:
+            raise SystemExit(f"--paired: no group {label!r} in {', '.join(files)}")
+        name, b = base[label]
+        by_seed = {r["seed"]: r for r in b["runs"]}
+        diffs = [
+            {"seed": r["seed"], **{k: r[k] - by_seed[r["seed"]][k] for k in PAIRED}}
+            for r in g["runs"]
+            if r["seed"] in by_seed
+        ]
+        stats = summarise([{k: d[k] for k in PAIRED} for d in diffs]) if diffs else {}
+        g["paired"] = {"with": f"{name}:{label}", "per_seed": diffs, "mean_sd": stats}
+
+
 def summarise(rows: list[dict]) -> dict:
     out = {}
     for key in rows[0]:
@@ -86,12 +118,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("groups", nargs="+", help="label=name[:repo],... (stage_times_<name>.json)")
     ap.add_argument("--out", default="sda_runs", help="result file name (without .json)")
+    ap.add_argument("--paired", action="append", default=[], help="earlier result to pair with")
     args = ap.parse_args()
     report = {}
     for group in args.groups:
         label, _, names = group.partition("=")
         rows = [one_run(n) for n in names.split(",")]
         report[label] = {"runs": rows, "mean_sd": summarise(rows)}
+    if args.paired:
+        paired(report, args.paired)
     (RESULTS / f"{args.out}.json").write_text(json.dumps(report, indent=1) + "\n")
     cols = [
         "source_only/oiou",
@@ -117,6 +152,18 @@ def main() -> None:
         for r in g["runs"]:
             cells = [f"{r[c]:.3f}" if isinstance(r.get(c), float) else "–" for c in cols]
             print(f"| {label}: {r['run']} | 1 | " + " | ".join(cells) + " |")
+    if args.paired:
+        print("\n| setting | paired with | seeds | " + " | ".join(f"Δ {k}" for k in PAIRED) + " |")
+        print("|---|---|---|" + "---|" * len(PAIRED))
+        for label, g in report.items():
+            p = g["paired"]
+            cells = [
+                " / ".join(f"{d[k]:+.3f}" for d in p["per_seed"])
+                + f" ({p['mean_sd'][k][0]:+.3f} ± {p['mean_sd'][k][1]:.3f})"
+                for k in PAIRED
+            ]
+            seeds = ", ".join(str(d["seed"]) for d in p["per_seed"])
+            print(f"| {label} | {p['with']} | {seeds} | " + " | ".join(cells) + " |")
     for label, g in report.items():  # word grounding of each run (semantics stage)
         for r in g["runs"]:
             if "grounded" in r:
