@@ -100,7 +100,9 @@ def paired(report: dict, files: list[str]) -> None:
             for r in g["runs"]
             if r["seed"] in by_seed
         ]
-        stats = summarise([{k: d[k] for k in PAIRED} for d in diffs]) if diffs else {}
+        if not diffs:
+            raise SystemExit(f"--paired: group {label!r} shares no seed with {name}")
+        stats = summarise([{k: d[k] for k in PAIRED} for d in diffs])
         g["paired"] = {"with": f"{name}:{label}", "per_seed": diffs, "mean_sd": stats}
 
 
