@@ -133,9 +133,9 @@ def figures(
 
 def encoder_features(model, batch: dict) -> torch.Tensor:
     """``features`` of ``model``'s forward on ``batch`` (the last encoder level): from the
-    visual side alone where the network encodes images apart from queries (SDA's base network),
-    at a quarter of a forward's cost; otherwise (DMMI's, whose encoder reads the query) from
-    the whole forward."""
+    visual side alone where the network encodes images apart from queries (SDA's base network:
+    no decoder passes); otherwise (DMMI's, whose encoder reads the query) from the whole
+    forward."""
     if hasattr(model, "encode_image"):
         return model.encode_image(batch["image"], batch.get("clip"))[-1]
     args, kwargs = network_inputs(batch)

@@ -39,8 +39,12 @@ def _boxes(b, size):
     return mask
 
 
+def _args(batch):
+    return batch["image"], batch["tokens"], batch["lengths"], batch["superpixels"]
+
+
 def _forward(model, batch):
-    return model(batch["image"], batch["tokens"], batch["lengths"], batch["superpixels"])
+    return model(*_args(batch))
 
 
 def test_output_shapes_and_exposed_tensors():
@@ -140,14 +144,21 @@ def test_image_encoded_once_decodes_as_the_whole_forward():
     assert torch.equal(whole["features"], split["features"])
 
 
-@pytest.mark.parametrize("arch", ["sda", "dmmi"])
-def test_encoder_features_are_the_forwards_features(arch):
+@pytest.mark.parametrize("arch,clip", [("sda", False), ("sda", True), ("dmmi", False)])
+def test_encoder_features_are_the_forwards_features(arch, clip):
     """Fig. 7's features (``pipelines.adapt.encoder_features``) equal the forward's
-    ``features``, whether the network encodes the image apart from the query or not."""
+    ``features``, whether the network encodes the image apart from the query or not, and for
+    a video sample's clip."""
     from pipelines.adapt import encoder_features
 
     cfg = ModelConfig.model_validate({**CFG.model_dump(), "arch": arch, "dmmi": {"ccr_heads": 4}})
     model = build_model(cfg, 20).eval()
     batch = _batch()
+    kwargs = {}
+    if clip:
+        batch["clip"] = kwargs["clip"] = torch.randn(4, 2, 3, 32, 32)
     with torch.no_grad():
-        assert torch.equal(encoder_features(model, batch), _forward(model, batch)["features"])
+        forward = model(*_args(batch), **kwargs)
+        assert torch.equal(encoder_features(model, batch), forward["features"])
+        if clip:  # the clip counts: the features differ from the annotated frame's alone
+            assert not torch.equal(forward["features"], _forward(model, batch)["features"])
