@@ -51,6 +51,11 @@ def one_run(item: str) -> dict:
         params = yaml.safe_load((repo / "params.yaml").read_text())
         eval_ = json.loads((repo / "metrics" / "eval.json").read_text())
         rec = {"seed": params["seed"], "eval": eval_, "wall_s": None, "peak_pss_mib": None}
+        # what the repository ran with, where it differs between the runs paired (--paired)
+        rec["setting"] = {
+            "data.gap": params["data"]["gap"],
+            **{f"{s}.epochs": params[s]["epochs"] for s in ("pretrain", "init", "adapt")},
+        }
     else:
         name, _, kept = item.partition(":")
         rec = json.loads((RESULTS / f"stage_times_{name}.json").read_text())
@@ -60,6 +65,7 @@ def one_run(item: str) -> dict:
         "run": name,
         "seed": rec["seed"],
         "overrides": rec.get("overrides", {}),
+        **({"setting": rec["setting"]} if "setting" in rec else {}),
         **{f"{m}/{k}": test[m][k] for m in MODELS for k in ("oiou", "miou", "map")},
         "sda/zero_acc": test["sda"].get("zero/acc"),
         "gap_closed": (sda - so) / (orc - so) if orc != so else float("nan"),
@@ -89,11 +95,20 @@ def paired(report: dict, files: list[str]) -> None:
     base: dict = {}
     for f in files:
         path = Path(f) if Path(f).is_file() else RESULTS / f
-        base.update({k: (path.name, v) for k, v in json.loads(path.read_text()).items()})
+        if not path.is_file():
+            raise SystemExit(f"--paired: no file {f} (nor {RESULTS / f})")
+        for label, group in json.loads(path.read_text()).items():
+            if label in base:
+                raise SystemExit(f"--paired: group {label!r} in both {base[label][0]} and {f}")
+            base[label] = (path.name, group)
     for label, g in report.items():
         if label not in base:
             raise SystemExit(f"--paired: no group {label!r} in {', '.join(files)}")
         name, b = base[label]
+        for side, runs in (("this run", g["runs"]), (name, b["runs"])):
+            seeds = [r["seed"] for r in runs]
+            if len(set(seeds)) < len(seeds):
+                raise SystemExit(f"--paired: group {label!r} of {side} repeats a seed: {seeds}")
         by_seed = {r["seed"]: r for r in b["runs"]}
         diffs = [
             {"seed": r["seed"], **{k: r[k] - by_seed[r["seed"]][k] for k in PAIRED}}
@@ -103,7 +118,13 @@ def paired(report: dict, files: list[str]) -> None:
         if not diffs:
             raise SystemExit(f"--paired: group {label!r} shares no seed with {name}")
         stats = summarise([{k: d[k] for k in PAIRED} for d in diffs])
-        g["paired"] = {"with": f"{name}:{label}", "per_seed": diffs, "mean_sd": stats}
+        unpaired = sorted({r["seed"] for r in g["runs"]} ^ set(by_seed))
+        g["paired"] = {
+            "with": f"{name}:{label}",
+            "per_seed": diffs,
+            "mean_sd": stats,
+            "unpaired_seeds": unpaired,
+        }
 
 
 def summarise(rows: list[dict]) -> dict:
