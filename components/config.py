@@ -371,10 +371,12 @@ class TrainConfig(_Section):
     weight_decay: Annotated[float, Field(ge=0)] = 0.0
     num_workers: PositiveInt = Field(1, description="Ray Train workers.")
     use_gpu: Literal["auto", True, False] = "auto"
-    amp: bool = Field(
-        False,
-        description="bfloat16 mixed precision in the training steps (GPU, or a CPU with "
-        "native bfloat16: AMX / AVX512-BF16); validation stays float32.",
+    amp: Literal["auto", True, False] = Field(
+        "auto",
+        description="bfloat16 mixed precision in the training steps: auto = where the "
+        "worker's device computes bfloat16 natively (a GPU that supports it, a CPU with AMX / "
+        "AVX512-BF16), float32 elsewhere; true = always (refused on a local CPU that would "
+        "emulate it); false = float32. Validation and inference stay float32.",
     )
 
 

@@ -15,9 +15,9 @@ the same batches. The same holds when Ray Train itself restarts the workers (a l
 ``runtime.max_failures``).
 
 Every start of the workers (the first, a restart after a failure, a resume after a killed
-driver) is an *attempt*, kept in the checkpoint with the epoch it started after and the Ray
-node of every rank; the stage's MLflow run gets them as tags (:func:`tag_run`, called by
-``tracking.log_stage`` once the outputs are written).
+driver) is an *attempt*, kept in the checkpoint with the epoch it started after, the Ray
+node of every rank and the precision its steps computed in; the stage's MLflow run gets them
+as tags (:func:`tag_run`, called by ``tracking.log_stage`` once the outputs are written).
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ from components.runtime import (
     storage_path,
     train_log_level,
 )
-from components.training import cpu_bf16_native, make_optimizer
+from components.training import cpu_bf16_native, make_optimizer, precision
 
 
 @dataclass
@@ -202,7 +202,15 @@ def run_phase(
             if report_last and history:
                 report(history[-1])
 
-    attempts = [*attempts, {"after_epoch": start, "nodes": placement(worker_info(spec)[1])}]
+    _, world, device = worker_info(spec)
+    attempts = [
+        *attempts,
+        {
+            "after_epoch": start,
+            "nodes": placement(world),
+            "precision": precision(device, spec.train_config().amp),
+        },
+    ]
     for epoch in range(start, phase.epochs):
         desc = f"{name} epoch {epoch + 1}/{phase.epochs}"
         # a live bar on a terminal; one line per epoch in logs (DVC, CI) that cannot redraw
@@ -257,7 +265,12 @@ def fit(
     root = Path.cwd()  # DVC runs stages from the repository root
     init_ray(params.runtime)
     use_gpu = resolve_use_gpu(tcfg.use_gpu)
-    if tcfg.amp and not use_gpu and ray_address(params.runtime) is None and not cpu_bf16_native():
+    if (
+        tcfg.amp is True
+        and not use_gpu
+        and ray_address(params.runtime) is None
+        and not cpu_bf16_native()
+    ):
         raise ParamsError(
             f"{phase}.amp: true trains in bfloat16 on this CPU, which has no native bfloat16 "
             "(AVX512-BF16 / AMX): emulated, it runs about ten times slower than float32; "
@@ -302,7 +315,9 @@ def tag_run(state: dict) -> None:
     ``adaseg.train_nodes`` (the Ray node ids its workers ran on), ``adaseg.train_restarts``
     (attempts after the first: restarts after a failure and resumes after a killed driver),
     ``adaseg.train_attempts`` (JSON: per attempt, the epoch it started after and each rank's
-    node) and ``adaseg.ray_storage`` (the run's checkpoint folder or URI)."""
+    node), ``adaseg.train_precision`` (what the training steps computed in: bfloat16 or
+    float32, per the phase's ``amp`` on its workers' devices) and ``adaseg.ray_storage`` (the
+    run's checkpoint folder or URI)."""
     import json
 
     import mlflow
@@ -316,6 +331,9 @@ def tag_run(state: dict) -> None:
             "adaseg.train_nodes": ",".join(nodes),
             "adaseg.train_restarts": max(len(attempts) - 1, 0),
             "adaseg.train_attempts": json.dumps(attempts),
+            "adaseg.train_precision": ",".join(
+                sorted({a["precision"] for a in attempts if "precision" in a})
+            ),
             "adaseg.ray_storage": state["_storage"],
         }
     )

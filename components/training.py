@@ -6,6 +6,7 @@ Nothing here knows about Ray or MLflow (STYLE.md #4): the stage wraps these in a
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Iterator
 
 import numpy as np
@@ -34,6 +35,7 @@ def make_optimizer(model, cfg: TrainConfig, steps_total: int):
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
+@functools.cache
 def cpu_bf16_native() -> bool:
     """Whether this CPU computes bfloat16 convolutions natively in oneDNN (AVX512 with BF16 /
     AMX). Without it, CPU autocast is emulated: ten times slower than float32 on an AVX2 CPU
@@ -41,13 +43,36 @@ def cpu_bf16_native() -> bool:
     return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
-def autocast(device: torch.device, amp: bool):
-    """bfloat16 mixed precision for a training step when ``amp`` (a phase's ``amp`` param), on
-    a GPU or a CPU: convolutions and matmuls in bfloat16, reductions and losses in float32.
-    bfloat16 needs no loss scaling. On a CPU it pays where the CPU computes bfloat16 natively
-    (AMX, AVX512-BF16: ``benchmarks/stage_times.py`` measures a whole run); elsewhere it
-    is emulated and slower."""
-    if amp and device.type in ("cuda", "cpu"):
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` computes bfloat16 natively: a CUDA GPU that supports it, or a CPU
+    per :func:`cpu_bf16_native`."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and cpu_bf16_native()
+
+
+def use_amp(device: torch.device, amp) -> bool:
+    """A phase's ``amp`` param on ``device``: ``True`` / ``False`` as given; ``"auto"``
+    bfloat16 exactly where the device computes it natively (:func:`native_bf16`), float32
+    elsewhere. Each worker decides for its own device."""
+    if amp == "auto":
+        return native_bf16(device)
+    return bool(amp)
+
+
+def precision(device: torch.device, amp) -> str:
+    """What a training step on ``device`` computes in under ``amp``: bfloat16 or float32."""
+    return "bfloat16" if use_amp(device, amp) else "float32"
+
+
+def autocast(device: torch.device, amp):
+    """bfloat16 mixed precision for a training step when ``amp`` (a phase's ``amp`` param,
+    resolved by :func:`use_amp`), on a GPU or a CPU: convolutions and matmuls in bfloat16,
+    reductions and losses in float32. bfloat16 needs no loss scaling. On a CPU it pays where
+    the CPU computes bfloat16 natively (AMX, AVX512-BF16: 1.4x the float32 training pass of
+    the default network, ``benchmarks/stage_times.py`` measures a whole run); elsewhere it is
+    emulated and slower, which ``"auto"`` never picks."""
+    if use_amp(device, amp) and device.type in ("cuda", "cpu"):
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
@@ -95,7 +120,7 @@ def train_epoch(
     batch_size: int,
     device: torch.device,
     rng: np.random.Generator,
-    amp: bool = False,
+    amp=False,
     on_batch: Callable[[float], None] | None = None,
     extra_loss: Callable[[dict, dict, np.ndarray], torch.Tensor] | None = None,
 ) -> dict[str, float]:
