@@ -3,6 +3,10 @@ building blocks on hand-built inputs whose answers are known."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -13,11 +17,12 @@ from components.adaptation.configs import METHOD_CONFIGS
 from components.adaptation.dida import InstanceBank, boundary_mask, regenerate
 from components.adaptation.registry import METHODS
 from components.adaptation.self_training import class_mix, fda
-from components.config import ModelConfig
+from components.config import ModelConfig, TrainConfig
 from components.data.dataset import IGNORE_INDEX
 from components.metrics import semantic_metrics
 from components.tasks import make_task
-from components.training import autocast
+from components.training import autocast, cpu_bf16_native, precision, use_amp
+from tests.conftest import ROOT
 
 MCFG = ModelConfig(
     widths=[8, 12, 16, 16], hidden=12, embed_dim=12, num_superpixels=10, dmmi={"ccr_heads": 4}
@@ -124,6 +129,33 @@ def test_method_step_under_cpu_bfloat16_autocast(name, task_name, arch):
         assert loss.dtype == torch.float32
         losses.append(loss.item())
     assert losses[1] == pytest.approx(losses[0], rel=0.05), f"{name}/{task_name}: {losses}"
+
+
+_AUTO_ON_AVX2 = """
+import torch
+from components.training import autocast, precision, use_amp
+cpu = torch.device("cpu")
+with autocast(cpu, "auto"):
+    auto = torch.nn.functional.conv2d(torch.ones(1, 1, 4, 4), torch.ones(1, 1, 3, 3)).dtype
+print(use_amp(cpu, "auto"), use_amp(cpu, True), precision(cpu, "auto"), auto)
+"""
+
+
+def test_amp_auto_picks_bfloat16_only_where_the_cpu_computes_it_natively():
+    """``amp: auto`` (the default of every training phase) trains in bfloat16 where the CPU has
+    native bfloat16 and in float32 where it would be emulated (oneDNN capped at AVX2 here),
+    while ``amp: true`` stays on; ``false`` is float32 everywhere."""
+    cpu = torch.device("cpu")
+    assert use_amp(cpu, "auto") is cpu_bf16_native()
+    assert precision(cpu, "auto") == ("bfloat16" if cpu_bf16_native() else "float32")
+    assert not use_amp(cpu, False) and use_amp(cpu, True)
+    assert TrainConfig().amp == "auto"
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    proc = subprocess.run(
+        [sys.executable, "-c", _AUTO_ON_AVX2], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["False", "True", "float32", "torch.float32"]
 
 
 # --------------------------------------------------------------------------- FDA
