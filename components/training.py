@@ -37,17 +37,22 @@ def make_optimizer(model, cfg: TrainConfig, steps_total: int):
 
 @functools.cache
 def cpu_bf16_native() -> bool:
-    """Whether this CPU computes bfloat16 convolutions natively in oneDNN (AVX512 with BF16 /
-    AMX). Without it, CPU autocast is emulated: ten times slower than float32 on an AVX2 CPU
-    (measured on the default network)."""
-    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX) and oneDNN may use it
+    (``ONEDNN_MAX_CPU_ISA`` can cap it below). Without it, CPU autocast is emulated: ten times
+    slower than float32 on an AVX2 CPU (measured on the default network); oneDNN's own check
+    alone also passes on AVX-512 CPUs without BF16, which emulate it too."""
+    hardware = any(
+        getattr(torch.cpu, check, lambda: False)()
+        for check in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    )
+    return hardware and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def native_bf16(device: torch.device) -> bool:
-    """Whether ``device`` computes bfloat16 natively: a CUDA GPU that supports it, or a CPU
-    per :func:`cpu_bf16_native`."""
+    """Whether ``device`` computes bfloat16 natively: a CUDA GPU with bfloat16 units (Ampere
+    or newer; not one that emulates it), or a CPU per :func:`cpu_bf16_native`."""
     if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+        return torch.cuda.is_bf16_supported(including_emulation=False)
     return device.type == "cpu" and cpu_bf16_native()
 
 

@@ -4,6 +4,7 @@ building blocks on hand-built inputs whose answers are known."""
 from __future__ import annotations
 
 import os
+import platform
 import subprocess
 import sys
 
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from components import training
 from components.adaptation.base import Upstream
 from components.adaptation.baselines import grad_reverse, mmd2
 from components.adaptation.configs import METHOD_CONFIGS
@@ -21,7 +23,7 @@ from components.config import ModelConfig, TrainConfig
 from components.data.dataset import IGNORE_INDEX
 from components.metrics import semantic_metrics
 from components.tasks import make_task
-from components.training import autocast, cpu_bf16_native, precision, use_amp
+from components.training import autocast, precision, use_amp
 from tests.conftest import ROOT
 
 MCFG = ModelConfig(
@@ -141,15 +143,36 @@ print(use_amp(cpu, "auto"), use_amp(cpu, True), precision(cpu, "auto"), auto)
 """
 
 
-def test_amp_auto_picks_bfloat16_only_where_the_cpu_computes_it_natively():
-    """``amp: auto`` (the default of every training phase) trains in bfloat16 where the CPU has
-    native bfloat16 and in float32 where it would be emulated (oneDNN capped at AVX2 here),
-    while ``amp: true`` stays on; ``false`` is float32 everywhere."""
-    cpu = torch.device("cpu")
-    assert use_amp(cpu, "auto") is cpu_bf16_native()
-    assert precision(cpu, "auto") == ("bfloat16" if cpu_bf16_native() else "float32")
-    assert not use_amp(cpu, False) and use_amp(cpu, True)
+def test_amp_auto_picks_bfloat16_only_where_the_device_computes_it_natively(monkeypatch):
+    """``amp: auto`` (the default of every training phase) trains in bfloat16 on a device with
+    native bfloat16 and in float32 where it would be emulated (a CPU without AVX512-BF16 /
+    AMX, a GPU older than Ampere); ``true`` and ``false`` are what they say."""
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
     assert TrainConfig().amp == "auto"
+    for native in (True, False):
+        monkeypatch.setattr(training, "cpu_bf16_native", lambda native=native: native)
+        assert use_amp(cpu, "auto") is native
+        assert precision(cpu, "auto") == ("bfloat16" if native else "float32")
+        assert use_amp(cpu, True) and not use_amp(cpu, False)
+        with autocast(cpu, "auto"):
+            conv = torch.nn.functional.conv2d(torch.ones(1, 1, 4, 4), torch.ones(1, 1, 3, 3))
+        assert conv.dtype == (torch.bfloat16 if native else torch.float32)
+    # a GPU that only emulates bfloat16 (pre-Ampere) is not native
+    asked = []
+    monkeypatch.setattr(
+        torch.cuda,
+        "is_bf16_supported",
+        lambda including_emulation=True: asked.append(including_emulation) or including_emulation,
+    )
+    assert not use_amp(gpu, "auto") and asked == [False]
+
+
+@pytest.mark.skipif(
+    platform.machine().lower() not in ("x86_64", "amd64"), reason="oneDNN's x86 ISA cap"
+)
+def test_amp_auto_is_float32_on_a_cpu_capped_below_native_bfloat16():
+    """The same on a real CPU: with oneDNN capped at AVX2 (as on an AVX2-only machine),
+    ``auto`` computes in float32 while ``true`` would still ask for bfloat16."""
     env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2"}
     proc = subprocess.run(
         [sys.executable, "-c", _AUTO_ON_AVX2], cwd=ROOT, env=env, capture_output=True, text=True
