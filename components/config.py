@@ -372,11 +372,11 @@ class TrainConfig(_Section):
     num_workers: PositiveInt = Field(1, description="Ray Train workers.")
     use_gpu: Literal["auto", True, False] = "auto"
     amp: Literal["auto", True, False] = Field(
-        "auto",
-        description="bfloat16 mixed precision in the training steps: auto = where the "
-        "worker's device computes bfloat16 natively (a GPU that supports it, a CPU with AMX / "
-        "AVX512-BF16), float32 elsewhere; true = always (refused on a local CPU that would "
-        "emulate it); false = float32. Validation and inference stay float32.",
+        False,
+        description="bfloat16 mixed precision in the training steps: false = float32; auto = "
+        "where the worker's device computes bfloat16 natively (a GPU with bfloat16 units, a "
+        "CPU with AMX / AVX512-BF16), float32 elsewhere; true = always (refused on a local CPU "
+        "that would emulate it). Validation and inference stay float32.",
     )
 
 

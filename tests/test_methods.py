@@ -144,11 +144,11 @@ print(use_amp(cpu, "auto"), use_amp(cpu, True), precision(cpu, "auto"), auto)
 
 
 def test_amp_auto_picks_bfloat16_only_where_the_device_computes_it_natively(monkeypatch):
-    """``amp: auto`` (the default of every training phase) trains in bfloat16 on a device with
+    """``amp: auto`` (each training phase's opt-in) trains in bfloat16 on a device with
     native bfloat16 and in float32 where it would be emulated (a CPU without AVX512-BF16 /
     AMX, a GPU older than Ampere); ``true`` and ``false`` are what they say."""
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
-    assert TrainConfig().amp == "auto"
+    assert TrainConfig().amp is False  # float32 unless asked
     for native in (True, False):
         monkeypatch.setattr(training, "cpu_bf16_native", lambda native=native: native)
         assert use_amp(cpu, "auto") is native

@@ -19,7 +19,6 @@ import pytest
 
 from components.data.schema import decode_rle
 from components.metrics import referring_metrics
-from components.training import cpu_bf16_native
 from tests.conftest import (
     TINY_OVERRIDES,
     dvc_metrics,
@@ -158,9 +157,8 @@ def test_one_mlflow_run_per_stage_grouped_and_tied_to_git(repo):
     assert len(trained) == 5
     assert trained["tags.adaseg.train_nodes"].str.fullmatch(r"[0-9a-f]{56}").all()
     assert (trained["tags.adaseg.train_restarts"] == "0").all()
-    # amp: auto (the default) trained in bfloat16 exactly where this CPU computes it natively
-    want = "bfloat16" if cpu_bf16_native() else "float32"
-    assert (trained["tags.adaseg.train_precision"] == want).all()
+    # amp: false (the default) trained in float32, whatever the CPU
+    assert (trained["tags.adaseg.train_precision"] == "float32").all()
     storage = str(repo / ".adaseg/ray_results")
     assert trained["tags.adaseg.ray_storage"].str.startswith(storage).all()
 
