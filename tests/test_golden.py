@@ -26,8 +26,11 @@ from tests import golden_harness as harness
 
 GOLDEN = Path(__file__).parent / "assets" / "golden_losses.json"
 #: relative tolerance: loose enough for another CPU's summation order, far below any change
-#: of what a phase computes (one changed step moves these values by 1e-3 or more)
-RTOL = 1e-4
+#: of what a phase computes (one changed step moves these values by 1e-3 or more). Measured
+#: across CPUs with the kernels pinned: up to 1.2e-4 (the `masks` classifier's second
+#: validation loss on an AVX512-BF16 machine against the one that recorded the file; every
+#: other value within 2e-5)
+RTOL = 5e-4
 
 
 @pytest.fixture(scope="module")
