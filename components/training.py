@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import functools
 from collections.abc import Callable, Iterator
+from typing import Literal
 
 import numpy as np
 import torch
@@ -16,6 +17,9 @@ from components.config import TrainConfig
 from components.data.dataset import SplitArrays, iterate_batches, network_inputs, to_batch
 from components.metrics import referring_metrics
 from components.models.network import predict_masks
+
+#: a training phase's ``amp`` param (``TrainConfig.amp``)
+Amp = bool | Literal["auto"]
 
 
 def make_optimizer(model, cfg: TrainConfig, steps_total: int):
@@ -56,7 +60,7 @@ def native_bf16(device: torch.device) -> bool:
     return device.type == "cpu" and cpu_bf16_native()
 
 
-def use_amp(device: torch.device, amp) -> bool:
+def use_amp(device: torch.device, amp: Amp) -> bool:
     """A phase's ``amp`` param on ``device``: ``True`` / ``False`` as given; ``"auto"``
     bfloat16 exactly where the device computes it natively (:func:`native_bf16`), float32
     elsewhere. Each worker decides for its own device."""
@@ -65,12 +69,12 @@ def use_amp(device: torch.device, amp) -> bool:
     return bool(amp)
 
 
-def precision(device: torch.device, amp) -> str:
+def precision(device: torch.device, amp: Amp) -> str:
     """What a training step on ``device`` computes in under ``amp``: bfloat16 or float32."""
     return "bfloat16" if use_amp(device, amp) else "float32"
 
 
-def autocast(device: torch.device, amp):
+def autocast(device: torch.device, amp: Amp):
     """bfloat16 mixed precision for a training step when ``amp`` (a phase's ``amp`` param,
     resolved by :func:`use_amp`), on a GPU or a CPU: convolutions and matmuls in bfloat16,
     reductions and losses in float32. bfloat16 needs no loss scaling. On a CPU it pays where
@@ -125,7 +129,7 @@ def train_epoch(
     batch_size: int,
     device: torch.device,
     rng: np.random.Generator,
-    amp=False,
+    amp: Amp = False,
     on_batch: Callable[[float], None] | None = None,
     extra_loss: Callable[[dict, dict, np.ndarray], torch.Tensor] | None = None,
 ) -> dict[str, float]:

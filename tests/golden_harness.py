@@ -41,7 +41,7 @@ def golden_params() -> Params:
     raw["seed"] = 3
     raw["model"].update(widths=[8, 12, 16, 16], hidden=12, embed_dim=12, num_superpixels=40)
     for phase in ("pretrain", "oracle", "init", "masks", "adapt"):
-        # float32 on every CPU (amp: auto would follow the CPU; the kernels are pinned too)
+        # float32 on every CPU, whatever params.yaml sets (amp: auto would follow the CPU)
         raw[phase].update(epochs=2, batch_size=12, warmup_steps=2, lr=3e-3, amp=False)
     raw["oracle"]["epochs"] = 1
     raw["adapt"].update(lr=1e-3)
